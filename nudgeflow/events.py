@@ -53,7 +53,7 @@ def parse_ts(value: object) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int | str):
         msg = "must be an RFC 3339 string or integer epoch milliseconds"
-        raise ValueError(msg)  # noqa: TRY004 - pydantic turns ValueError into a field error
+        raise ValueError(msg)  # pydantic reports ValueError as a field error
     if isinstance(value, int):
         if not _MIN_MS <= value <= _MAX_MS:
             msg = "epoch milliseconds out of range"

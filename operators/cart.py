@@ -1,0 +1,52 @@
+"""A user's cart, with the arithmetic of TRIGGERS.md "Cart arithmetic"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Cart:
+    """Quantities per product, summed; the last known unit price per product.
+
+    Removing a product not in the cart changes nothing; removing more than held
+    removes it all; a purchase empties the whole cart.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        # product_id -> [quantity, unit price or None]; insertion order is the order added
+        self._items: dict[str, list[Any]] = {}
+
+    def add(self, product_id: str, quantity: int, price: float | None) -> None:
+        item = self._items.get(product_id)
+        if item is None:
+            self._items[product_id] = [quantity, price]
+            return
+        item[0] += quantity
+        if price is not None:
+            item[1] = price
+
+    def remove(self, product_id: str, quantity: int) -> None:
+        item = self._items.get(product_id)
+        if item is None:
+            return
+        item[0] -= quantity
+        if item[0] <= 0:
+            del self._items[product_id]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    @property
+    def empty(self) -> bool:
+        return not self._items
+
+    def snapshot(self) -> dict[str, Any]:
+        """`items` and `cart_value` for trigger metadata: a copy, never the live state."""
+        items = [
+            {"product_id": pid, "quantity": qty, "price": price}
+            for pid, (qty, price) in self._items.items()
+        ]
+        value = sum(qty * price for qty, price in self._items.values() if price is not None)
+        return {"cart_value": round(value, 2), "items": items}

@@ -1,0 +1,72 @@
+"""Sessions derived from event time, with close timers (TRIGGERS.md "Sessions").
+
+A session grows with each applied event whose `ts` is under `gap` after the
+session's latest `ts`; an event `gap` or more after it starts a new one. Events
+arriving out of order inside the gap join the current session. A session closes
+when the watermark passes its latest `ts` + `gap`; the closed session is then
+handed to the session rules and forgotten, so state is bounded by the sessions
+still open (at most a couple per user).
+
+We do not use bytewax's `SessionWindower`: its state is never freed (#577).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Session:
+    """One session of one user, as much of it as the session rules need."""
+
+    index: int
+    start_ts: int
+    latest_ts: int
+    events: int = 0
+    # indices of the session matchers (declared by the rules) that some event hit
+    matched: set[int] = field(default_factory=set)
+    # product ids viewed, first view first (browse_abandonment's metadata)
+    products: list[str] = field(default_factory=list)
+
+    def close_at(self, gap_ms: int) -> int:
+        return self.latest_ts + gap_ms
+
+
+class SessionTracker:
+    """The open sessions of one user: the current one and those waiting for their close."""
+
+    __slots__ = ("_closing", "current", "gap_ms", "next_index")
+
+    def __init__(self, gap_ms: int) -> None:
+        self.gap_ms = gap_ms
+        self.current: Session | None = None
+        self._closing: dict[int, Session] = {}
+        self.next_index = 0
+
+    def place(self, ts: int) -> tuple[Session, Session | None]:
+        """The session an applied event at `ts` belongs to, and the session it ended, if any."""
+        current = self.current
+        if current is not None and ts - current.latest_ts < self.gap_ms:
+            current.latest_ts = max(current.latest_ts, ts)
+            return current, None
+        ended = current
+        if ended is not None:
+            self._closing[ended.index] = ended
+        session = Session(index=self.next_index, start_ts=ts, latest_ts=ts)
+        self.next_index += 1
+        self.current = session
+        return session, ended
+
+    def close(self, index: int) -> Session | None:
+        """Forget the session `index` and return it (its close timer was decided)."""
+        session = self._closing.pop(index, None)
+        if session is not None:
+            return session
+        if self.current is not None and self.current.index == index:
+            session, self.current = self.current, None
+            return session
+        return None
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._closing) + (self.current is not None)

@@ -1,0 +1,90 @@
+"""Sliding counts and cooldowns per scope key: the state behind the count rules.
+
+Both are plain, bounded structures: `prune(horizon)` drops what no future
+check can see, so a scope that goes quiet costs nothing once time moves on.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+
+
+class SlidingCounter:
+    """Event times per scope key; counts those in `[t - window, t]` (both ends included).
+
+    Times arrive almost in order, so `insort` is an append in the common case;
+    an out-of-order time still lands in its place and counts for later checks.
+    """
+
+    __slots__ = ("_times",)
+
+    def __init__(self) -> None:
+        self._times: dict[str, list[int]] = {}
+
+    def add(self, scope: str, ts: int) -> None:
+        times = self._times.get(scope)
+        if times is None:
+            self._times[scope] = [ts]
+        elif times[-1] <= ts:
+            times.append(ts)
+        else:
+            insort(times, ts)
+
+    def count(self, scope: str, start: int, end: int) -> int:
+        """How many times of `scope` lie in `[start, end]`."""
+        times = self._times.get(scope)
+        if not times:
+            return 0
+        return bisect_left(times, end + 1) - bisect_left(times, start)
+
+    def prune(self, horizon: int) -> None:
+        """Forget times before `horizon`: no window that a future check opens reaches them."""
+        for scope in list(self._times):
+            times = self._times[scope]
+            if times[0] < horizon:
+                cut = bisect_left(times, horizon)
+                if cut == len(times):
+                    del self._times[scope]
+                else:
+                    del times[:cut]
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._times.values())
+
+    @property
+    def empty(self) -> bool:
+        return not self._times
+
+
+class Cooldowns:
+    """The last `fired_at` per scope; a scope is blocked until exactly `fired_at + cooldown`.
+
+    A firing at `t` is blocked when some earlier firing `f` of the scope has
+    `t < f + cooldown` ("not again until fired_at + X"); a blocked condition
+    does not restart the cooldown, since only firings are recorded.
+    """
+
+    __slots__ = ("_last", "cooldown_ms")
+
+    def __init__(self, cooldown_ms: int) -> None:
+        self.cooldown_ms = cooldown_ms
+        self._last: dict[str, int] = {}
+
+    def blocked(self, scope: str, at: int) -> bool:
+        last = self._last.get(scope)
+        return last is not None and at < last + self.cooldown_ms
+
+    def record(self, scope: str, fired_at: int) -> None:
+        last = self._last.get(scope)
+        if last is None or fired_at > last:
+            self._last[scope] = fired_at
+
+    def prune(self, horizon: int) -> None:
+        """Forget cooldowns that reopened before `horizon`: no future check can be blocked."""
+        expired = [s for s, last in self._last.items() if last + self.cooldown_ms <= horizon]
+        for scope in expired:
+            del self._last[scope]
+
+    @property
+    def empty(self) -> bool:
+        return not self._last
