@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The one command that installs and runs the whole test suite, on a fresh machine too.
+#
+#   scripts/test.sh [--no-lint] [pytest args...]
+#
+# 1. creates .venv with python3.11 if missing and `pip install -e '.[dev]'`
+#    (skipped when pyproject.toml is unchanged since the last install; FORCE_INSTALL=1
+#    to force it),
+# 2. unless --no-lint: `ruff check .` and `mypy` (config from pyproject) -- fail fast,
+# 3. `scripts/services.sh up` (Kafka + Redis) and exports KAFKA_BOOTSTRAP / REDIS_URL,
+# 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export DEBIAN_FRONTEND=noninteractive PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+log() { printf '[test] %s\n' "$*" >&2; }
+die() { printf '[test] ERROR: %s\n' "$*" >&2; exit 1; }
+
+lint=1
+pytest_args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--no-lint" ]]; then
+    lint=0
+  else
+    pytest_args+=("$arg")
+  fi
+done
+
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+# --- 1. virtualenv + install ------------------------------------------------
+if [[ ! -x "$PY" ]]; then
+  base=""
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1 &&
+      [[ "$("$cand" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" == "3.11" ]]; then
+      base="$(command -v "$cand")"
+      break
+    fi
+  done
+  [[ -n "$base" ]] || die "python3.11 not found (the project requires Python 3.11)"
+  log "creating .venv with $base"
+  if ! "$base" -m venv "$VENV" 2>/dev/null; then
+    # Debian ships venv/ensurepip separately.
+    rm -rf "$VENV"
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" -eq 0 ]]; then
+      log "installing python3.11-venv via apt"
+      apt-get update -qq >/dev/null
+      apt-get install -y -qq python3.11-venv >/dev/null
+      "$base" -m venv "$VENV"
+    else
+      die "'$base -m venv' failed; install the python3.11-venv package"
+    fi
+  fi
+fi
+
+stamp="$VENV/.nudgeflow-install.sha256"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ "${FORCE_INSTALL:-0}" == "1" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]] ||
+  ! "$PY" -c 'import nudgeflow, pytest' >/dev/null 2>&1; then
+  log "pip install -e '.[dev]'"
+  "$PY" -m pip install -q -e '.[dev]'
+  echo "$want" >"$stamp"
+fi
+
+# --- 2. lint ----------------------------------------------------------------
+if [[ "$lint" -eq 1 ]]; then
+  log "ruff check ."
+  "$VENV/bin/ruff" check . || die "ruff check failed"
+  log "mypy"
+  "$VENV/bin/mypy" || die "mypy failed"
+fi
+
+# --- 3. services ------------------------------------------------------------
+exports="$("$ROOT/scripts/services.sh" up)" # exits non-zero (and so do we) on failure
+eval "$(tail -n 2 <<<"$exports")"
+[[ -n "${KAFKA_BOOTSTRAP:-}" && -n "${REDIS_URL:-}" ]] ||
+  die "scripts/services.sh up did not print KAFKA_BOOTSTRAP / REDIS_URL"
+export KAFKA_BOOTSTRAP REDIS_URL
+log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP REDIS_URL=$REDIS_URL"
+
+# --- 4. pytest --------------------------------------------------------------
+log "pytest ${pytest_args[*]:-}"
+rc=0
+"$PY" -m pytest ${pytest_args[@]+"${pytest_args[@]}"} || rc=$?
+exit "$rc"
