@@ -1,0 +1,451 @@
+"""The dispatch sink against `httpx.MockTransport`: headers, concurrency, retries, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import bytewax.operators as op
+import httpx
+import orjson
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSource, cluster_main, run_main
+from pydantic import SecretStr
+
+from nudgeflow.errors import DispatchError, ServiceError
+from nudgeflow.settings import DispatchSettings
+from nudgeflow.triggers import Decision, Trigger, make_trigger_id
+from sinks.dead_letter import KafkaDeadLetterWriter
+from sinks.dispatch import Dispatcher, DispatchResult, DispatchSink
+
+API = "http://dispatch.test"
+FIRED_AT_MS = 1_772_359_200_000  # 2026-03-01T10:00:00Z
+
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+
+
+def make_decision(n: int = 0, *, dispatched: bool = True) -> Decision:
+    user_id = f"u{n}"
+    fired_at_ms = FIRED_AT_MS + n
+    trigger = Trigger(
+        trigger_id=make_trigger_id("cart_abandonment", user_id, fired_at_ms),
+        trigger_type="cart_abandonment",
+        user_id=user_id,
+        fired_at_ms=fired_at_ms,
+        detected_at_ms=fired_at_ms + 12,
+        segment="vip",
+        metadata={"cart_value": 150.0, "items": [{"product_id": "p1", "quantity": 1}]},
+    )
+    if not dispatched:
+        return Decision(trigger, "suppressed", "quiet_hours")
+    return Decision(trigger, "dispatched", None, channel="email", send_at_ms=fired_at_ms)
+
+
+def make_settings(**overrides: Any) -> DispatchSettings:
+    values: dict[str, Any] = {
+        "url": API,
+        "max_in_flight": 4,
+        "timeout_s": 1.0,
+        "max_attempts": 4,
+        "backoff_base_s": 0.1,
+        "backoff_max_s": 0.3,
+    }
+    values.update(overrides)
+    return DispatchSettings(**values)
+
+
+class FakeSleep:
+    """Records the backoff delays instead of waiting them."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+class Failures:
+    """A failure callback that keeps what it is given, with a `flush` like the Kafka writer."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Decision, DispatchResult]] = []
+        self.flushes = 0
+
+    def __call__(self, decision: Decision, result: DispatchResult) -> None:
+        self.items.append((decision, result))
+
+    def flush(self, timeout: float) -> int:
+        self.flushes += 1
+        return 0
+
+
+class Api:
+    """A scripted dispatch API: answers from `script` per trigger_id, then 202."""
+
+    def __init__(self, script: dict[str, list[httpx.Response | Exception]] | None = None) -> None:
+        self.script = script or {}
+        self.requests: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        trigger_id = request.headers["Idempotency-Key"]
+        planned = self.script.get(trigger_id)
+        if planned:
+            step = planned.pop(0)
+            if isinstance(step, Exception):
+                raise step
+            return step
+        return httpx.Response(202, json={"trigger_id": trigger_id, "status": "accepted"})
+
+    def sent_ids(self) -> list[str]:
+        return [request.headers["Idempotency-Key"] for request in self.requests]
+
+
+def dispatch(
+    decisions: list[Decision],
+    handler: Handler,
+    *,
+    settings: DispatchSettings | None = None,
+    failures: Failures | None = None,
+    sleep: FakeSleep | None = None,
+) -> list[DispatchResult]:
+    async def go() -> list[DispatchResult]:
+        async with Dispatcher(
+            settings or make_settings(),
+            transport=httpx.MockTransport(handler),
+            on_failure=failures if failures is not None else Failures(),
+            sleep=sleep or FakeSleep(),
+            rand=fixed_rand,
+        ) as dispatcher:
+            return await dispatcher.send_all(decisions)
+
+    return asyncio.run(go())
+
+
+def fixed_rand() -> float:
+    return 0.5
+
+
+def test_sends_body_and_idempotency_key() -> None:
+    api = Api()
+    decision = make_decision()
+
+    [result] = dispatch([decision], api)
+
+    [request] = api.requests
+    assert request.method == "POST"
+    assert str(request.url) == f"{API}/api/trigger"
+    assert request.headers["Idempotency-Key"] == decision.trigger.trigger_id
+    assert request.headers["Content-Type"] == "application/json"
+    assert "Authorization" not in request.headers
+    assert orjson.loads(request.content) == decision.dispatch_body()
+    assert result.ok
+    assert (result.trigger_id, result.status, result.attempts, result.error) == (
+        decision.trigger.trigger_id,
+        202,
+        1,
+        None,
+    )
+    assert result.latency_ms >= 0
+
+
+def test_bearer_token_is_sent_and_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    api = Api()
+    decision = make_decision()
+    api.script[decision.trigger.trigger_id] = [httpx.Response(401, json={"error": "nope"})]
+    settings = make_settings(token=SecretStr("s3cret-token"))
+
+    with caplog.at_level(logging.DEBUG):
+        dispatch([decision], api, settings=settings)
+
+    assert api.requests[0].headers["Authorization"] == "Bearer s3cret-token"
+    assert "s3cret-token" not in caplog.text
+
+
+def test_concurrency_never_exceeds_max_in_flight() -> None:
+    in_flight = 0
+    peak = 0
+
+    async def slow_api(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        for _ in range(5):  # yield to the loop so the other requests get to start
+            await asyncio.sleep(0)
+        in_flight -= 1
+        return httpx.Response(202, json={})
+
+    results = dispatch(
+        [make_decision(n) for n in range(20)], slow_api, settings=make_settings(max_in_flight=3)
+    )
+
+    assert all(result.ok for result in results)
+    assert peak == 3
+
+
+def test_results_follow_input_order_and_skip_suppressed() -> None:
+    api = Api()
+    decisions = [make_decision(0), make_decision(1, dispatched=False), make_decision(2)]
+
+    results = dispatch(decisions, api)
+
+    sent = [decisions[0].trigger.trigger_id, decisions[2].trigger.trigger_id]
+    assert [result.trigger_id for result in results] == sent
+    assert sorted(api.sent_ids()) == sorted(sent)
+
+
+def test_server_error_then_accepted_is_retried() -> None:
+    decision = make_decision()
+    api = Api({decision.trigger.trigger_id: [httpx.Response(500, json={"error": "boom"})]})
+    failures, sleep = Failures(), FakeSleep()
+
+    [result] = dispatch([decision], api, failures=failures, sleep=sleep)
+
+    assert result.ok
+    assert (result.status, result.attempts, result.error) == (202, 2, None)
+    assert sleep.calls == [pytest.approx(0.05)]  # full jitter: 0.5 * base 0.1
+    assert failures.items == []
+
+
+def test_retry_after_is_honoured() -> None:
+    decision = make_decision()
+    busy = httpx.Response(429, headers={"Retry-After": "1.5"}, json={"error": "slow down"})
+    api = Api({decision.trigger.trigger_id: [busy]})
+    sleep = FakeSleep()
+
+    [result] = dispatch([decision], api, sleep=sleep)
+
+    assert result.ok
+    assert result.attempts == 2
+    assert sleep.calls == [1.5]
+
+
+def test_client_error_is_not_retried_and_goes_to_on_failure() -> None:
+    decision = make_decision()
+    bad = httpx.Response(400, json={"error": "unknown channel"})
+    api = Api({decision.trigger.trigger_id: [bad]})
+    failures, sleep = Failures(), FakeSleep()
+
+    [result] = dispatch([decision], api, failures=failures, sleep=sleep)
+
+    assert len(api.requests) == 1
+    assert sleep.calls == []
+    assert not result.ok
+    assert (result.status, result.attempts, result.error) == (400, 1, "HTTP 400: unknown channel")
+    assert failures.items == [(decision, result)]
+
+
+def test_persistent_server_error_gives_up_after_max_attempts() -> None:
+    decision = make_decision()
+    unavailable: list[httpx.Response | Exception] = [
+        httpx.Response(503, text=f"down {i}") for i in range(10)
+    ]
+    api = Api({decision.trigger.trigger_id: unavailable})
+    failures, sleep = Failures(), FakeSleep()
+
+    [result] = dispatch([decision], api, failures=failures, sleep=sleep)
+
+    assert len(api.requests) == 4
+    assert (result.ok, result.status, result.attempts) == (False, 503, 4)
+    assert result.error == "HTTP 503: down 3"  # the last attempt's
+    # full jitter on base 0.1 doubling, capped at 0.3; no sleep after the last attempt
+    assert sleep.calls == [pytest.approx(0.05), pytest.approx(0.1), pytest.approx(0.15)]
+    assert failures.items == [(decision, result)]
+
+
+def test_transport_timeout_is_retried() -> None:
+    decision = make_decision()
+    api = Api({decision.trigger.trigger_id: [httpx.ReadTimeout("read timed out")]})
+
+    [result] = dispatch([decision], api)
+
+    assert result.ok
+    assert result.attempts == 2
+
+
+def test_whole_attempt_is_bounded_by_timeout() -> None:
+    calls = 0
+
+    async def stalls_once(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(10)  # cancelled by the attempt timeout long before
+        return httpx.Response(202, json={})
+
+    [result] = dispatch([make_decision()], stalls_once, settings=make_settings(timeout_s=0.02))
+
+    assert result.ok
+    assert result.attempts == 2
+
+
+def test_connection_errors_exhaust_attempts() -> None:
+    decision = make_decision()
+    api = Api({decision.trigger.trigger_id: [httpx.ConnectError("refused")] * 4})
+    failures = Failures()
+
+    [result] = dispatch([decision], api, failures=failures)
+
+    assert (result.ok, result.status, result.attempts) == (False, None, 4)
+    assert result.error == "ConnectError: refused"
+    assert failures.items == [(decision, result)]
+
+
+def test_default_failure_callback_raises_dispatch_error() -> None:
+    decision = make_decision()
+    api = Api({decision.trigger.trigger_id: [httpx.Response(422, json={"error": "bad"})]})
+
+    async def go() -> None:
+        async with Dispatcher(make_settings(), transport=httpx.MockTransport(api)) as dispatcher:
+            await dispatcher.send_all([decision])
+
+    with pytest.raises(DispatchError, match="HTTP 422: bad") as caught:
+        asyncio.run(go())
+    assert caught.value.trigger_id == decision.trigger.trigger_id
+
+
+# -- the bytewax sink ----------------------------------------------------------------
+
+
+@pytest.fixture
+def decisions() -> list[Decision]:
+    return [make_decision(n, dispatched=n % 3 != 0) for n in range(30)]
+
+
+def build_flow(decisions: list[Decision], sink: DispatchSink) -> Dataflow:
+    flow = Dataflow("dispatch_sink_test")
+    stream = op.input("in", flow, TestingSource(decisions, batch_size=4))
+    # Spread the items so that on a cluster every worker's partition writes some.
+    stream = op.redistribute("spread", stream)
+    op.output("out", stream, sink)
+    return flow
+
+
+class SinkHarness:
+    """A DispatchSink over one shared scripted Api; records the failure callbacks it built."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.failures: list[Failures] = []
+        self.sink = DispatchSink(
+            make_settings(),
+            client_factory=self.client,
+            failure_factory=self.failure_callback,
+            sleep=FakeSleep(),
+        )
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.MockTransport(self.api))
+
+    def failure_callback(self) -> Failures:
+        failures = Failures()
+        self.failures.append(failures)
+        return failures
+
+    def failed(self) -> list[tuple[Decision, DispatchResult]]:
+        return [item for failures in self.failures for item in failures.items]
+
+
+@pytest.fixture
+def harness(decisions: list[Decision]) -> Iterator[SinkHarness]:
+    # One refused trigger and one that needs a retry, to see both paths in a flow.
+    refused, flaky = decisions[1], decisions[2]
+    script: dict[str, list[httpx.Response | Exception]] = {
+        refused.trigger.trigger_id: [httpx.Response(400, json={"error": "bad"})],
+        flaky.trigger.trigger_id: [httpx.Response(502)],
+    }
+    api = Api(script)
+    yield SinkHarness(api)
+
+
+def check_delivery(decisions: list[Decision], harness: SinkHarness) -> None:
+    dispatched = {d.trigger.trigger_id for d in decisions if d.dispatched}
+    refused = decisions[1]
+    delivered = {request.headers["Idempotency-Key"] for request in harness.api.requests}
+    assert delivered == dispatched
+    # the refused one once, the flaky one twice, every other once
+    assert len(harness.api.requests) == len(dispatched) + 1
+    [(failed, result)] = harness.failed()
+    assert failed == refused
+    assert result.status == 400
+    # dead letters are flushed after the failing batch and at close
+    assert sum(failures.flushes for failures in harness.failures) >= 2
+
+
+def test_sink_in_a_flow_delivers_every_dispatched_decision(
+    decisions: list[Decision], harness: SinkHarness
+) -> None:
+    run_main(build_flow(decisions, harness.sink))
+
+    check_delivery(decisions, harness)
+
+
+def test_sink_on_two_workers_delivers_every_dispatched_decision(
+    decisions: list[Decision], harness: SinkHarness
+) -> None:
+    cluster_main(build_flow(decisions, harness.sink), [], 0, worker_count_per_proc=2)
+
+    check_delivery(decisions, harness)
+    assert len(harness.failures) == 2  # one partition, and one callback, per worker
+
+
+# -- dead letters --------------------------------------------------------------------
+
+
+class FakeProducer:
+    def __init__(self, delivery_error: str | None = None) -> None:
+        self.produced: list[dict[str, Any]] = []
+        self.delivery_error = delivery_error
+        self._pending: list[Any] = []
+
+    def produce(self, topic: str, value: Any = None, key: Any = None, **kwargs: Any) -> None:
+        self.produced.append({"topic": topic, "value": value, "key": key, **kwargs})
+        self._pending.append(kwargs["on_delivery"])
+
+    def poll(self, timeout: float = -1) -> int:
+        return 0
+
+    def flush(self, timeout: float = -1) -> int:
+        for on_delivery in self._pending:
+            on_delivery(self.delivery_error, None)
+        self._pending.clear()
+        return 0
+
+
+def failed_result(decision: Decision) -> DispatchResult:
+    return DispatchResult(
+        decision.trigger.trigger_id, False, 503, 5, "HTTP 503: down", latency_ms=12.5
+    )
+
+
+def test_dead_letter_writer_produces_reason_status_attempts_and_trigger() -> None:
+    producer = FakeProducer()
+    writer = KafkaDeadLetterWriter(producer)
+    decision = make_decision()
+
+    writer(decision, failed_result(decision))
+    assert writer.flush(1.0) == 0
+
+    [message] = producer.produced
+    assert message["topic"] == "triggers.dlq"
+    assert message["key"] == decision.trigger.trigger_id.encode()
+    assert message["headers"] == [("reason", b"HTTP 503: down")]
+    assert orjson.loads(message["value"]) == {
+        "reason": "HTTP 503: down",
+        "status": 503,
+        "attempts": 5,
+        "trigger": decision.to_json(),
+    }
+
+
+def test_dead_letter_writer_flush_raises_when_not_delivered() -> None:
+    writer = KafkaDeadLetterWriter(FakeProducer(delivery_error="broker down"), "dlq")
+    decision = make_decision()
+
+    writer(decision, failed_result(decision))
+
+    with pytest.raises(ServiceError, match="broker down"):
+        writer.flush(1.0)
