@@ -27,6 +27,7 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import Sink
 
 from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
 from nudgeflow.events import Event
@@ -34,6 +35,7 @@ from nudgeflow.profiles import NO_PROFILE, Profile, load_profiles
 from nudgeflow.recording import iter_input_lines
 from nudgeflow.rules import RulesConfig, load_rules
 from nudgeflow.settings import DEFAULT_RULES
+from nudgeflow.triggers import Decision
 from operators.detect import Emitted, Tally, detect
 from operators.detector import Detector
 from sinks.files import SortedJsonlSink, TallySink
@@ -122,11 +124,17 @@ def _tally_counts(item: tuple[str, Tally]) -> tuple[str, dict[str, int]]:
 def build_replay_flow(
     events: str | Path,
     out: str | Path,
+    *,
     dead_letter: str | Path | None = None,
     profiles: str | Path | None = None,
     rules: str | Path | RulesConfig | None = None,
+    dispatch: Sink[Decision] | None = None,
 ) -> Dataflow:
-    """The replay dataflow for one input file. Every argument may be a path string."""
+    """The replay dataflow for one input file. Every argument may be a path string.
+
+    With `dispatch`, dispatched decisions are also sent to it (the demo sends
+    them to a dispatch API on loopback); replay itself needs no network.
+    """
     events_path = Path(events)
     out_path = Path(out)
     dlq_path = Path(dead_letter) if dead_letter is not None else default_dead_letter(out_path)
@@ -157,6 +165,9 @@ def build_replay_flow(
               SortedJsonlSink(dlq_path, _dead_letter_row))
     op.output("triggers_file", op.key_on("out_all", detected.decisions, lambda _: "all"),
               SortedJsonlSink(out_path, _decision_row))
+    if dispatch is not None:
+        decisions = op.map("decision", detected.decisions, lambda kv: kv[1].decision)
+        op.output("dispatch", decisions, dispatch)
     tallies = op.map("tally_counts", detected.tallies, _tally_counts)
     op.output("tally", tallies, TallySink(_tally_path(out_path)))
     return flow

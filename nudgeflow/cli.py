@@ -113,7 +113,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         from flows.live import run_live
-
         from nudgeflow.settings import load_settings
 
         settings = load_settings(

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+from bytewax.outputs import Sink
 from bytewax.run import cli_main
 
 from flows.replay import build_replay_flow, default_dead_letter, tally_path
 from nudgeflow.errors import InputFileError
 from nudgeflow.profiles import load_profiles
 from nudgeflow.rules import RulesConfig, load_rules
+from nudgeflow.triggers import Decision
 
 
 @dataclass
@@ -73,6 +75,7 @@ def run_replay(
     profiles: Path | None = None,
     rules: Path | RulesConfig | None = None,
     workers: int = 1,
+    dispatch: Sink[Decision] | None = None,
 ) -> ReplaySummary:
     """Replay `events` into `out` (and the dead letters); raise NudgeflowError on unusable input."""
     config = rules if isinstance(rules, RulesConfig) else (load_rules(rules) if rules else None)
@@ -82,7 +85,9 @@ def run_replay(
     dlq = dead_letter or default_dead_letter(out)
     _check_writable(out)
     _check_writable(dlq)
-    flow = build_replay_flow(events, out, dlq, profiles, config)
+    flow = build_replay_flow(
+        events, out, dead_letter=dlq, profiles=profiles, rules=config, dispatch=dispatch
+    )
     cli_main(flow, workers_per_process=workers)
     return summarise(out, dlq)
 

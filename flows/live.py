@@ -1,0 +1,191 @@
+"""The live dataflow: Kafka in, triggers decided per user, the dispatch API called.
+
+    Kafka `events` ─► decode ─┬─ invalid ─────────────────────────────────► Kafka `events.dlq`
+                              └─ valid ─► profiles (Redis, batched) ─► key by user ─► detect
+    detect ─┬─ decisions ─┬─► dispatch API (httpx, retries) ─ failures ─► Kafka `triggers.dlq`
+            │             └─► Kafka `triggers.decisions` (every decision, with its reason)
+            └─ late ───────────────────────────────────────────────────────► Kafka `events.dlq`
+
+The flow is a factory: tests and tools pass their own source, sinks, profile
+lookup and clock. A dead letter keeps the original message bytes as its value
+and its key, with the reason and the source topic/partition/offset in headers,
+so a fixed message can be replayed from the dead-letter topic as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import bytewax.operators as op
+import orjson
+from bytewax.connectors.kafka import KafkaSinkMessage, KafkaSourceMessage
+from bytewax.connectors.kafka import operators as kop
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+from bytewax.run import cli_main
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
+
+from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
+from nudgeflow.errors import ServiceError
+from nudgeflow.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
+from nudgeflow.rules import RulesConfig, load_rules
+from nudgeflow.settings import Settings
+from nudgeflow.timeutil import now_ms
+from nudgeflow.triggers import Decision
+from operators.detect import Emitted, LiveClock, detect
+from operators.detector import Detector
+from sinks.dead_letter import KafkaDeadLetterWriter
+from sinks.dispatch import DispatchSink
+
+log = logging.getLogger(__name__)
+
+RawMessage = KafkaSourceMessage[bytes | None, bytes | None]
+
+
+@dataclass(frozen=True)
+class LiveParts:
+    """What a live flow is made of; tests replace any part."""
+
+    source: Source[Any] | None = None  # default: the input topic
+    dispatch: Sink[Decision] | None = None  # default: DispatchSink to settings.dispatch.url
+    dead_letters: Sink[Any] | None = None  # default: the dead-letter topic
+    decisions: Sink[Any] | None = None  # default: the decisions topic
+    profiles: ProfileLookup | None = None  # default: Redis (or none, with redis url 'none')
+    clock: Callable[[], int] = now_ms
+
+
+def _origin(msg: RawMessage) -> Origin:
+    timestamp = msg.timestamp[1] if msg.timestamp is not None else None
+    return Origin(
+        topic=msg.topic, partition=msg.partition, offset=msg.offset, timestamp_ms=timestamp
+    )
+
+
+def dead_letter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes]:
+    """The original bytes and key, the reason and source position as headers."""
+    origin = letter.origin
+    headers = [("reason", letter.reason.encode())]
+    if origin.topic is not None:
+        headers += [
+            ("source.topic", origin.topic.encode()),
+            ("source.partition", str(origin.partition).encode()),
+            ("source.offset", str(origin.offset).encode()),
+        ]
+    return KafkaSinkMessage(key=letter.key, value=letter.raw, headers=headers)
+
+
+def decision_message(item: tuple[str, Emitted]) -> KafkaSinkMessage[bytes, bytes]:
+    decision = item[1].decision
+    return KafkaSinkMessage(
+        key=decision.trigger.user_id.encode(), value=orjson.dumps(decision.to_json())
+    )
+
+
+def build_live_flow(
+    settings: Settings,
+    *,
+    rules: RulesConfig | None = None,
+    parts: LiveParts | None = None,
+    start_at_end: bool = False,
+) -> Dataflow:
+    parts = parts or LiveParts()
+    config = rules or load_rules(settings.rules)
+    detector = Detector(config)
+    kafka = settings.kafka
+    brokers = [kafka.bootstrap]
+    clock = parts.clock
+    profiles = parts.profiles or _default_profiles(settings)
+
+    flow = Dataflow("nudgeflow_live")
+    if parts.source is not None:
+        messages: Stream[Any] = op.input("events", flow, parts.source)
+    else:
+        consumed = kop.input(
+            "events", flow, brokers=brokers, topics=[kafka.input_topic],
+            starting_offset=OFFSET_END if start_at_end else OFFSET_BEGINNING,
+            add_config={"fetch.queue.backoff.ms": str(kafka.fetch_queue_backoff_ms)},
+            batch_size=500,
+        )
+        op.inspect("consumer_errors", consumed.errs, lambda _step, err: log.error("%s", err.err))
+        messages = consumed.oks
+
+    def open_batch(batch: list[RawMessage]) -> Iterable[Envelope | DeadLetter]:
+        arrived = clock()
+        opened = [
+            open_envelope(msg.value or b"", _origin(msg), arrived, msg.key) for msg in batch
+        ]
+        valid = [x for x in opened if isinstance(x, Envelope)]
+        found = profiles.lookup(env.event.user_id for env in valid) if valid else {}
+        return [
+            Envelope(x.event, x.raw, x.origin, found[x.event.user_id], x.arrived_ms)
+            if isinstance(x, Envelope) else x
+            for x in opened
+        ]
+
+    opened = op.flat_map_batch("decode_and_profile", messages, open_batch)
+    split = op.branch("valid", opened, lambda x: isinstance(x, Envelope))
+    valid: Stream[Any] = split.trues
+    invalid: Stream[Any] = split.falses
+    keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
+    detected = detect("detect", keyed, detector, clock=LiveClock(clock))
+
+    late: Stream[Any] = op.map("late_letters", detected.late, lambda kv: kv[1])
+    letters = op.merge("dead_letters", invalid, late)
+    dlq_messages = op.map("dlq_message", letters, dead_letter_message)
+    if parts.dead_letters is not None:
+        op.output("dead_letter_out", dlq_messages, parts.dead_letters)
+    else:
+        kop.output("dead_letter_out", dlq_messages, brokers=brokers,
+                   topic=kafka.dead_letter_topic)
+
+    decisions = op.map("decision", detected.decisions, lambda kv: kv[1].decision)
+    if parts.decisions is not None:
+        op.output("decisions_out", detected.decisions, parts.decisions)
+    else:
+        kop.output("decisions_out", op.map("decision_message", detected.decisions,
+                                           decision_message),
+                   brokers=brokers, topic=kafka.decisions_topic)
+    dispatch = parts.dispatch or DispatchSink(
+        settings.dispatch,
+        failure_factory=lambda: KafkaDeadLetterWriter.from_settings(kafka),
+    )
+    op.output("dispatch", decisions, dispatch)
+    return flow
+
+
+def _default_profiles(settings: Settings) -> ProfileLookup:
+    if settings.redis.url.lower() in {"", "none"}:
+        return StaticProfiles()
+    return RedisProfiles.from_url(
+        settings.redis.url,
+        ttl_s=settings.redis.profile_cache_ttl_s,
+        max_size=settings.redis.profile_cache_size,
+    )
+
+
+def check_kafka(bootstrap: str, topic: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when the broker cannot be reached or the topic is missing."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000})
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        msg = f"cannot reach Kafka at {bootstrap}: {exc.args[0].str() if exc.args else exc}"
+        raise ServiceError(msg) from None
+    if topic not in metadata.topics:
+        msg = f"input topic {topic!r} does not exist on {bootstrap}"
+        raise ServiceError(msg)
+
+
+def run_live(settings: Settings, *, start_at_end: bool = False) -> None:
+    """`nudgeflow run`: check the services, then run the live flow until stopped."""
+    rules = load_rules(settings.rules)
+    check_kafka(settings.kafka.bootstrap, settings.kafka.input_topic)
+    flow = build_live_flow(settings, rules=rules, start_at_end=start_at_end)
+    cli_main(flow, workers_per_process=settings.workers)
