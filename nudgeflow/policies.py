@@ -157,7 +157,9 @@ class Policies:
         state.dispatched.append(fired_at)
         state.dispatched.sort()
         decision = Decision(trigger, "dispatched", None, channel=channel, send_at_ms=send_at)
-        return Plan(decision, delayed=delay > 0)
+        # Held only while its send time is ahead of the detector's clock: a delay that
+        # has already run out by the time the trigger is detected sends at once.
+        return Plan(decision, delayed=fired_at + delay > trigger.detected_at_ms)
 
     def release(self, state: PolicyState, fired_at: int) -> None:
         """A delayed send was cancelled: it no longer counts against the cap."""
