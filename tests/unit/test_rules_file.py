@@ -1,4 +1,4 @@
-"""The rules file: the shipped defaults load, and a bad file is refused naming file, line, problem."""
+"""The rules file: the defaults load; a bad file is refused naming file, line and problem."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ RULE_HEAD = "rules:\n  - name: r\n"
          2, "missing field 'rules.0.min_count'"),
         (RULE_HEAD + "    kind: nth_event\n    match: {event: page_veiw}\n    n: 3\n",
          4, "unknown event type 'page_veiw'"),
-        (RULE_HEAD + "    kind: nth_event\n    match: {event: page_view}\n    n: 3\n    colour: 1\n",
-         6, "unknown field 'rules.0.colour'"),
-        (RULE_HEAD + "    kind: sequence_count\n    trigger: nope\n    window: 1d\n    min_count: 2\n",
-         2, "refers to trigger 'nope'"),
+        (RULE_HEAD + "    kind: nth_event\n    match: {event: page_view}\n    n: 3\n"
+         "    colour: 1\n", 6, "unknown field 'rules.0.colour'"),
+        (RULE_HEAD + "    kind: sequence_count\n    trigger: nope\n    window: 1d\n"
+         "    min_count: 2\n", 2, "refers to trigger 'nope'"),
         ("rules: [\n", 2, "not valid YAML"),
         ("- just a list\n", 1, "mapping with a 'rules' list"),
     ],
@@ -72,7 +72,9 @@ def test_rules_check_prints_one_line_and_exits_2_on_a_bad_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "rules.yaml"
-    bad.write_text(RULE_HEAD + "    kind: absence\n    after: {event: add_to_cart}\n    timeout: x\n")
+    bad.write_text(
+        RULE_HEAD + "    kind: absence\n    after: {event: add_to_cart}\n    timeout: x\n"
+    )
     assert main(["rules", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"nudgeflow: error: {bad}:5: rules.0.timeout: bad duration 'x': "
