@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from nudgeflow.normalize import from_segment, is_segment
 from nudgeflow.timeutil import datetime_to_ms
 
 EventType = Literal[
@@ -155,6 +156,11 @@ def decode_event(raw: bytes | str) -> Event | Rejection:
         return Rejection(_json_reason(raw, exc))
     if not isinstance(data, dict):
         return Rejection(f"not a JSON object (got {_json_kind(data)})")
+    if is_segment(data):
+        normalised = from_segment(data)
+        if isinstance(normalised, str):
+            return Rejection(normalised)
+        data = normalised
     return validate_event(data)
 
 
