@@ -37,6 +37,7 @@ from nudgeflow.rules import (
     SessionCloseRule,
     ThresholdRule,
 )
+from nudgeflow.timeutil import MS_PER_DAY, MS_PER_HOUR
 from nudgeflow.triggers import Decision, Trigger, make_trigger_id
 from operators.cart import Cart
 from operators.event_time import Admission, Admit, Timer, TimerQueue
@@ -51,6 +52,7 @@ from operators.rule_logic import (
     ThresholdLogic,
 )
 from operators.sessions import Session, SessionTracker
+from operators.tumbling import TumblingCounter
 
 # Timer names of the detector's own timers (rules' timers carry the rule's name).
 SESSION_TIMER: Final = "~session"
@@ -72,6 +74,9 @@ class UserState:
     pending_sends: dict[str, tuple[Decision, int]] = field(default_factory=dict)
     profile: Profile = NO_PROFILE
     pruned_at: int | None = None
+    # events per hour and per day (tumbling, event time): features for an intent model
+    hourly: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_HOUR))
+    daily: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_DAY))
 
 
 class Step:
@@ -287,8 +292,19 @@ class Detector:
             if state is not None:
                 logic.prune(state, watermark)
 
+    def features(self, user: UserState, at: int) -> dict[str, int]:
+        """Per-user activity features at event time `at` (tumbling hour and day counts)."""
+        return {
+            "events_this_hour": user.hourly.current(at),
+            "events_today": user.daily.current(at),
+            "cart_items": len(user.cart.snapshot()["items"]),
+            "open_sessions": user.sessions.open_sessions,
+        }
+
     def _apply(self, step: Step, event: Event) -> None:
         user = step.user
+        user.hourly.add(event.ts)
+        user.daily.add(event.ts)
         kind = event.type
         cart = user.cart
         if kind == "add_to_cart":
