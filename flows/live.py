@@ -15,8 +15,13 @@ so a fixed message can be replayed from the dead-letter topic as it was.
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -26,11 +31,12 @@ from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
-from nudgeflow.errors import ServiceError
+from nudgeflow.errors import ConfigError, ServiceError
 from nudgeflow.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
 from nudgeflow.rules import RulesConfig, load_rules
 from nudgeflow.settings import Settings
@@ -183,9 +189,85 @@ def check_kafka(bootstrap: str, topic: str, timeout_s: float = 5.0) -> None:
         raise ServiceError(msg)
 
 
+def recovery_config(settings: Settings) -> RecoveryConfig | None:
+    """Bytewax recovery for `settings.recovery_dir`, initialising the directory when absent."""
+    directory = settings.recovery_dir
+    if directory is None:
+        return None
+    if not directory.exists() or not any(directory.glob("*.sqlite3")):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = f"cannot create recovery directory {directory}: {exc.strerror or exc}"
+            raise ConfigError(msg) from None
+        init_db_dir(directory, settings.recovery_partitions)
+    return RecoveryConfig(str(directory))
+
+
 def run_live(settings: Settings, *, start_at_end: bool = False) -> None:
     """`nudgeflow run`: check the services, then run the live flow until stopped."""
     rules = load_rules(settings.rules)
     check_kafka(settings.kafka.bootstrap, settings.kafka.input_topic)
     flow = build_live_flow(settings, rules=rules, start_at_end=start_at_end)
-    cli_main(flow, workers_per_process=settings.workers)
+    cli_main(
+        flow,
+        workers_per_process=settings.workers,
+        process_id=settings.process_id,
+        addresses=settings.addresses,
+        epoch_interval=timedelta(seconds=settings.snapshot_interval_s),
+        recovery_config=recovery_config(settings),
+    )
+
+
+def run_local_cluster(argv: list[str], processes: int) -> int:
+    """`nudgeflow run --processes P`: P local processes as one bytewax cluster on loopback.
+
+    Each child is `nudgeflow run` with `--process-id i --addresses …`; a signal to
+    the parent is passed on to every child, and the exit code is the worst of theirs.
+    """
+    ports = _free_ports(processes)
+    addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+    base = _without_flag(argv, "--processes")
+    children = [
+        subprocess.Popen(  # our own command line, re-run with the cluster flags
+            [sys.executable, "-m", "nudgeflow.cli", *base,
+             "--process-id", str(index), "--addresses", addresses]
+        )
+        for index in range(processes)
+    ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    return max(child.wait() for child in children)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == flag:
+            skip = True
+            continue
+        if arg.startswith(flag + "="):
+            continue
+        out.append(arg)
+    return out

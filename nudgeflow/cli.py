@@ -2,7 +2,12 @@
 
     nudgeflow replay EVENTS.jsonl --out TRIGGERS.jsonl [--profiles P] [--rules R]
                      [--workers N] [--dead-letter DLQ.jsonl]
+    nudgeflow replay RECORDING --to-topic T [--speed X | --as-fast-as-possible]
+    nudgeflow record --topic T --out FILE [--from-offset N] [--to-offset N]
+                     [--from-time TS] [--to-time TS]
     nudgeflow run [--brokers B] [--topic T] [--dispatch-url U] [--redis-url R] [--workers N]
+                  [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
+    nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
     nudgeflow demo [--users N] [--hours H] [--workers N]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
     nudgeflow rules check FILE
@@ -14,9 +19,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from nudgeflow.errors import NudgeflowError
+from nudgeflow.errors import NudgeflowError, UsageError
 
 EXIT_USAGE = 2
 
@@ -40,13 +45,41 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"expected a number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value <= 0:
+        msg = f"must be above 0, got {value:g}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _timestamp(text: str) -> int:
+    from nudgeflow.events import parse_ts
+
+    try:
+        return parse_ts(int(text) if text.lstrip("-").isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog="nudgeflow", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     replay = commands.add_parser("replay", help="run a recorded event file through the flow")
     replay.add_argument("events", type=Path, help="events JSONL (or a recording), arrival order")
-    replay.add_argument("--out", type=Path, required=True, help="triggers JSONL to write")
+    replay.add_argument("--out", type=Path, help="triggers JSONL to write")
+    replay.add_argument("--to-topic", help="produce the file to this Kafka topic instead")
+    replay.add_argument("--brokers", help="with --to-topic [NUDGEFLOW_KAFKA__BOOTSTRAP]")
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=_positive_float, default=1.0,
+                      help="with --to-topic: X times faster than recorded (default 1)")
+    pace.add_argument("--as-fast-as-possible", action="store_true",
+                      help="with --to-topic: no pauses between messages")
     replay.add_argument("--profiles", type=Path, help="profiles JSONL (user_id + fields)")
     replay.add_argument("--rules", type=Path, help="rules file (default: config/rules.yaml)")
     replay.add_argument("--workers", type=_positive, default=1, help="bytewax workers")
@@ -67,8 +100,16 @@ def _parser() -> _Parser:
     run.add_argument("--workers", type=_positive, help="workers per process [NUDGEFLOW_WORKERS]")
     run.add_argument(
         "--start-at", choices=("beginning", "end"), default="beginning",
-        help="where to start reading the input topic",
+        help="where to start reading the input topic (without recovery state)",
     )
+    run.add_argument("--processes", type=_positive, default=1,
+                     help="start this many local processes as one cluster")
+    run.add_argument("--process-id", type=int, help="this process's index in a cluster")
+    run.add_argument("--addresses", help="host:port of every process, comma-separated")
+    run.add_argument("--recovery-dir", type=Path,
+                     help="snapshot state here; created when absent [NUDGEFLOW_RECOVERY_DIR]")
+    run.add_argument("--snapshot-interval", type=_positive_float,
+                     help="seconds between snapshots [NUDGEFLOW_SNAPSHOT_INTERVAL_S]")
 
     demo = commands.add_parser("demo", help="the embedded default: a sample shop, no services")
     demo.add_argument("--users", type=_positive, default=3000)
@@ -81,11 +122,30 @@ def _parser() -> _Parser:
     api.add_argument("--port", type=int, default=8080)
     api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
 
+    _add_tool_commands(commands)
     rules = commands.add_parser("rules", help="work with rules files")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     check = rules_commands.add_parser("check", help="validate a rules file")
     check.add_argument("file", type=Path)
     return parser
+
+
+def _add_tool_commands(commands: Any) -> None:
+    record = commands.add_parser("record", help="write a Kafka topic's messages to a file")
+    record.add_argument("--topic", required=True)
+    record.add_argument("--out", type=Path, required=True)
+    record.add_argument("--brokers", help="[NUDGEFLOW_KAFKA__BOOTSTRAP]")
+    record.add_argument("--from-offset", type=int, help="first offset (every partition)")
+    record.add_argument("--to-offset", type=int, help="end offset, exclusive (every partition)")
+    record.add_argument("--from-time", type=_timestamp, help="RFC 3339 or epoch ms")
+    record.add_argument("--to-time", type=_timestamp, help="RFC 3339 or epoch ms, exclusive")
+    record.add_argument("--no-progress", action="store_true")
+
+    explain = commands.add_parser("explain", help="why rules fired or not for one user")
+    explain.add_argument("events", type=Path)
+    explain.add_argument("--user", required=True)
+    explain.add_argument("--profiles", type=Path)
+    explain.add_argument("--rules", type=Path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,26 +161,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "replay":
-        from nudgeflow.replay import run_replay
+        return _replay(args)
+    if args.command == "record":
+        from nudgeflow.settings import load_settings
+        from nudgeflow.topic_io import Bounds, record_topic
 
-        summary = run_replay(
-            args.events, args.out, dead_letter=args.dead_letter, profiles=args.profiles,
-            rules=args.rules, workers=args.workers,
-        )
-        if not args.quiet:
-            for line in summary.lines():
-                print(line, file=sys.stderr)
+        settings = load_settings(brokers=args.brokers)
+        bounds = Bounds(args.from_offset, args.to_offset, args.from_time, args.to_time)
+        count = record_topic(settings.kafka.bootstrap, args.topic, args.out, bounds,
+                             progress=not args.no_progress)
+        print(f"recorded {count} messages of {args.topic} to {args.out}", file=sys.stderr)
         return 0
     if args.command == "run":
-        from flows.live import run_live
+        from flows.live import run_live, run_local_cluster
         from nudgeflow.settings import load_settings
 
         settings = load_settings(
             brokers=args.brokers, topic=args.topic, dead_letter_topic=args.dead_letter_topic,
             dispatch_url=args.dispatch_url, redis_url=args.redis_url, rules=args.rules,
-            workers=args.workers,
+            workers=args.workers, process_id=args.process_id,
+            addresses=args.addresses.split(",") if args.addresses else None,
+            recovery_dir=args.recovery_dir, snapshot_interval_s=args.snapshot_interval,
         )
+        if args.processes > 1 and settings.process_id is None:
+            return run_local_cluster(sys.argv[1:], args.processes)
         run_live(settings, start_at_end=args.start_at == "end")
+        return 0
+    if args.command == "explain":
+        from nudgeflow.explain import explain_user
+
+        for line in explain_user(args.events, args.user, profiles=args.profiles,
+                                 rules=args.rules):
+            print(line)
         return 0
     if args.command == "demo":
         from nudgeflow.demo import run_demo
@@ -140,6 +212,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     msg = f"unknown command {args.command}"
     raise AssertionError(msg)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    if (args.out is None) == (args.to_topic is None):
+        msg = "replay needs exactly one of --out (run the flow) and --to-topic (produce)"
+        raise UsageError(msg)
+    if args.to_topic is not None:
+        from nudgeflow.settings import load_settings
+        from nudgeflow.topic_io import replay_to_topic
+
+        settings = load_settings(brokers=args.brokers)
+        count = replay_to_topic(
+            args.events, settings.kafka.bootstrap, args.to_topic,
+            speed=None if args.as_fast_as_possible else args.speed,
+            progress=not args.quiet,
+        )
+        print(f"produced {count} messages to {args.to_topic}", file=sys.stderr)
+        return 0
+    from nudgeflow.replay import run_replay
+
+    summary = run_replay(
+        args.events, args.out, dead_letter=args.dead_letter, profiles=args.profiles,
+        rules=args.rules, workers=args.workers,
+    )
+    if not args.quiet:
+        for line in summary.lines():
+            print(line, file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

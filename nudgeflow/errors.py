@@ -3,6 +3,7 @@
     NudgeflowError                 every error we raise on purpose
     ├── ConfigError                settings or rules that cannot be used; refused at start
     │   └── RulesError             a rules file problem, with file and line
+    ├── UsageError                 command-line flags that do not fit together
     ├── InputFileError             a file named on the command line cannot be read or written
     └── ServiceError               a service we depend on (Kafka, Redis, dispatch API) failed
         └── DispatchError          the dispatch API refused or kept failing a trigger
@@ -31,6 +32,10 @@ class RulesError(ConfigError):
         self.problem = problem
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"{where}: {problem}")
+
+
+class UsageError(NudgeflowError):
+    """Command-line flags that do not fit together."""
 
 
 class InputFileError(NudgeflowError):

@@ -46,6 +46,12 @@ class DispatchSettings(BaseModel):
     max_attempts: int = Field(default=5, ge=1)
     backoff_base_s: float = Field(default=0.05, gt=0)
     backoff_max_s: float = Field(default=2.0, gt=0)
+    # HMAC-SHA256 of "<timestamp>.<body>" in X-Nudgeflow-Signature (sinks.dispatch); never logged.
+    hmac_secret: SecretStr | None = None
+    # Circuit breaker (sinks.circuit): open after this many consecutive failed attempts,
+    # then let one probe through every `circuit_open_s`; the sink waits meanwhile.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_open_s: float = Field(default=1.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -60,7 +66,13 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = DispatchSettings()
     rules: Path = DEFAULT_RULES
     workers: int = Field(default=1, ge=1)
-    lateness_ms: int = Field(default=30_000, ge=0)
+    # A bytewax cluster across processes: this process's index and every process's host:port.
+    process_id: int | None = Field(default=None, ge=0)
+    addresses: list[str] | None = None
+    # Recovery: snapshots every `snapshot_interval_s` into `recovery_dir` (None: no recovery).
+    recovery_dir: Path | None = None
+    recovery_partitions: int = Field(default=1, ge=1)
+    snapshot_interval_s: float = Field(default=10.0, gt=0)
 
 
 def load_settings(
@@ -72,6 +84,7 @@ def load_settings(
     redis_url: str | None = None,
     rules: Path | None = None,
     workers: int | None = None,
+    **overrides: object,
 ) -> Settings:
     """Settings from the environment, with command-line flags (when given) on top."""
     from pydantic import ValidationError
@@ -103,4 +116,5 @@ def load_settings(
         update["rules"] = rules
     if workers is not None:
         update["workers"] = workers
+    update.update({k: v for k, v in overrides.items() if v is not None})
     return base.model_copy(update=update)

@@ -54,6 +54,9 @@ from operators.rule_logic import (
 from operators.sessions import Session, SessionTracker
 from operators.tumbling import TumblingCounter
 
+# (event time, rule name, what happened): the story `nudgeflow explain` tells.
+Trace = list[tuple[int, str, str]]
+
 # Timer names of the detector's own timers (rules' timers carry the rule's name).
 SESSION_TIMER: Final = "~session"
 SEND_TIMER: Final = "~send"
@@ -82,13 +85,21 @@ class UserState:
 class Step:
     """What rules may see and do while the detector handles one input of one user."""
 
-    __slots__ = ("clock", "detector", "out", "user")
+    __slots__ = ("clock", "detector", "out", "trace", "user")
 
-    def __init__(self, detector: Detector, user: UserState, clock: int) -> None:
+    def __init__(
+        self, detector: Detector, user: UserState, clock: int, trace: Trace | None = None
+    ) -> None:
         self.detector = detector
         self.user = user
         self.clock = clock  # detected_at of whatever fires during this step
         self.out: list[Decision] = []
+        self.trace = trace
+
+    def note(self, logic: RuleLogic | None, at: int, message: str) -> None:
+        """Record why a rule did or did not act (only when explaining: `trace` is set)."""
+        if self.trace is not None:
+            self.trace.append((at, logic.name if logic is not None else "", message))
 
     @property
     def cart(self) -> Cart:
@@ -201,6 +212,7 @@ class Detector:
         event: Event,
         profile: Profile | None = None,
         now: int | None = None,
+        trace: Trace | None = None,
     ) -> tuple[Admit, list[Decision]]:
         """Admit one arriving event and apply it; return its fate and the decisions it caused.
 
@@ -213,7 +225,7 @@ class Detector:
         verdict = user.admission.admit(event.event_id, event.ts)
         if verdict is not Admit.APPLY:
             return verdict, []
-        step = Step(self, user, now if now is not None else self._event_clock(user))
+        step = Step(self, user, now if now is not None else self._event_clock(user), trace)
         self._apply(step, event)
         self._decide(step, self._watermark(user), inclusive=False)
         return verdict, step.out
@@ -227,10 +239,10 @@ class Detector:
         self._prune(user)
         return step.out
 
-    def finish(self, user: UserState, end: int) -> list[Decision]:
+    def finish(self, user: UserState, end: int, trace: Trace | None = None) -> list[Decision]:
         """Replay's end: decide every timer with deadline <= `end` (the input's largest ts)."""
         self._prune(user)
-        step = Step(self, user, end)
+        step = Step(self, user, end, trace)
         self._decide(step, end, inclusive=True)
         # What is still pending has not happened within the recording; a delayed send
         # already decided stays dispatched at its send time.
@@ -348,6 +360,8 @@ class Detector:
                 user.timers.cancel(SEND_TIMER, trigger_id)
                 self.policies.release(user.policy, decision.trigger.fired_at_ms)
                 step.out.append(Decision(decision.trigger, "suppressed", "cancelled"))
+                step.note(self.logics[order], event.ts,
+                          f"delayed send of {trigger_id} cancelled by {event.type}")
 
     def _decide(self, step: Step, bound: int, *, inclusive: bool) -> None:
         timers = step.user.timers
@@ -375,6 +389,8 @@ class Detector:
         rule = logic.config
         profile = user.profile
         if rule.segment is not None and profile.segment != rule.segment:
+            step.note(logic, fired_at, f"condition held, but the user's segment is "
+                      f"{profile.segment!r} and the rule is for {rule.segment!r}")
             return False
         assignment = self.policies.assign(rule, user.user_id)
         if assignment is not None:
@@ -389,6 +405,12 @@ class Detector:
             metadata=metadata,
         )
         plan = self.policies.plan(trigger, rule, profile, user.policy, assignment)
+        if step.trace is not None:
+            outcome = plan.decision
+            verdict = (f"dispatched via {outcome.channel}" if outcome.dispatched
+                       else f"suppressed ({outcome.reason})")
+            held = " after its delay" if plan.delayed else ""
+            step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
         if plan.delayed and plan.decision.send_at_ms is not None:
             user.pending_sends[trigger.trigger_id] = (plan.decision, logic.order)
             user.timers.set(SEND_TIMER, logic.order, trigger.trigger_id, plan.decision.send_at_ms)

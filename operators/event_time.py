@@ -140,6 +140,10 @@ class TimerQueue:
         del self._timers[(first.rule, first.key)]
         return first
 
+    def pending(self) -> list[Timer]:
+        """The pending timers in decision order (a copy)."""
+        return sorted(self._timers.values())
+
     def next_deadline(self) -> int | None:
         if not self._timers:
             return None

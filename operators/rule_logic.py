@@ -109,6 +109,9 @@ class AbsenceLogic(RuleLogic):
             or (self.cancel_when_empty and step.cart.empty)
         ):
             step.cancel_timer(self)
+            by_event = any(match.matches(event) for match in self.cancel_events)
+            cause = f"by {event.type}" if by_event else f"the cart is empty after {event.type}"
+            step.note(self, event.ts, f"cancelled: {cause}")
         if self.start_event is not None and self.start_event.matches(event):
             self._start(step, event.ts)
 
@@ -118,7 +121,10 @@ class AbsenceLogic(RuleLogic):
     def _start(self, step: Step, at: int) -> None:
         deadline = at + self.rule.timeout
         current = step.timer_deadline(self)
-        step.set_timer(self, deadline if current is None else max(current, deadline))
+        deadline = deadline if current is None else max(current, deadline)
+        step.set_timer(self, deadline)
+        verb = "started" if current is None else "moved"
+        step.note(self, at, f"deadline {verb}: {format_ms(deadline)}")
 
     def on_timer(self, step: Step, timer: Timer) -> None:
         metadata = step.cart.snapshot() if self.rule.metadata == "cart" else {}
@@ -145,7 +151,12 @@ class CountInWindowLogic(RuleLogic):
         ts = event.ts
         counter.add(scope, ts)
         count = counter.count(scope, ts - self.rule.window, ts)
-        if count < self.rule.min_count or cooldowns.blocked(scope, ts):
+        if count < self.rule.min_count:
+            step.note(self, ts, f"{count} of {self.rule.min_count} needed within "
+                      f"{format_duration_ms(self.rule.window)} for {scope_value(scope)!r}")
+            return
+        if cooldowns.blocked(scope, ts):
+            step.note(self, ts, f"{count} within the window, but the cooldown is running")
             return
         metadata: dict[str, Any] = {"count": count, "window": format_duration_ms(self.rule.window)}
         if self.rule.scope is not None:
@@ -179,10 +190,12 @@ class ThresholdLogic(RuleLogic):
             return
         value = getattr(event, self.rule.field)
         if value is None or value <= self.rule.above:
+            step.note(self, event.ts, f"{self.rule.field} {value} is not above {self.rule.above:g}")
             return
         cooldowns: Cooldowns = step.state(self)
         scope = scope_of(event, self.rule.scope)
         if cooldowns.blocked(scope, event.ts):
+            step.note(self, event.ts, "above the threshold, but the cooldown is running")
             return
         metadata: dict[str, Any] = {self.rule.field: value}
         if self.rule.scope is not None:
@@ -218,7 +231,12 @@ class RevisitLogic(RuleLogic):
         earliest = ts - self.rule.within
         previous = [t for t, index in seen if index < session.index and earliest <= t <= ts]
         insort(seen, (ts, session.index))
-        if not previous or cooldowns.blocked("", ts):
+        if not previous:
+            step.note(self, ts, "no matching event in an earlier session within "
+                      f"{format_duration_ms(self.rule.within)}")
+            return
+        if cooldowns.blocked("", ts):
+            step.note(self, ts, "a revisit, but the cooldown is running")
             return
         metadata = {"previous_visit_at": format_ms(max(previous)), "url": event.url}
         if step.fire(self, ts, "", metadata):
@@ -252,11 +270,17 @@ class SessionCloseLogic(RuleLogic):
 
     def on_session_close(self, step: Step, session: Session) -> None:
         matched = session.matched
-        if not all(i in matched for i in self.require) or any(i in matched for i in self.forbid):
-            return
         fired_at = session.close_at(step.session_gap)
+        if not all(i in matched for i in self.require):
+            step.note(self, fired_at, f"session {session.index} closed without a required event")
+            return
+        if any(i in matched for i in self.forbid):
+            step.note(self, fired_at, f"session {session.index} closed with a forbidden event")
+            return
         cooldowns: Cooldowns = step.state(self)
         if cooldowns.blocked("", fired_at):
+            step.note(self, fired_at, f"session {session.index} qualified, but the cooldown "
+                      "is running")
             return
         metadata = {
             "products": list(session.products),
@@ -292,7 +316,12 @@ class SequenceCountLogic(RuleLogic):
         insort(history, fired_at)
         start = fired_at - self.rule.window
         count = sum(1 for t in history if start <= t <= fired_at)
-        if count < self.rule.min_count or cooldowns.blocked("", fired_at):
+        if count < self.rule.min_count:
+            step.note(self, fired_at, f"{count} {self.rule.trigger} of {self.rule.min_count} "
+                      f"needed within {format_duration_ms(self.rule.window)}")
+            return
+        if cooldowns.blocked("", fired_at):
+            step.note(self, fired_at, "enough, but the cooldown is running")
             return
         metadata = {
             "count": count,
@@ -337,6 +366,7 @@ class NthEventLogic(RuleLogic):
         if count[0] >= self.rule.n:
             return
         count[0] += 1
+        step.note(self, event.ts, f"matching event {count[0]} of {self.rule.n}")
         if count[0] == self.rule.n:
             step.fire(self, event.ts, "", {"count": self.rule.n})
 

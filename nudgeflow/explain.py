@@ -1,0 +1,144 @@
+"""`nudgeflow explain`: why each rule fired, or did not, for one user — as readable text.
+
+It replays the user's events through the same detector as the flow with a
+trace turned on: every rule notes what it saw (a deadline set or moved, a
+cancel, a count short of its threshold, a cooldown, a segment that does not
+match, the policy outcome), and the trace is told event by event, then as a
+verdict per rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from flows.replay import input_end
+from nudgeflow.envelope import DeadLetter, Origin, open_envelope
+from nudgeflow.events import Event
+from nudgeflow.profiles import NO_PROFILE, load_profiles
+from nudgeflow.recording import iter_input_lines
+from nudgeflow.rules import load_rules
+from nudgeflow.settings import DEFAULT_RULES
+from nudgeflow.timeutil import format_ms
+from nudgeflow.triggers import Decision
+from operators.detector import Detector, Trace, UserState
+from operators.event_time import Admit
+
+
+def _describe(event: Event) -> str:
+    parts: list[str] = [event.type]
+    if event.page_type and event.type in {"page_view", "page_leave"}:
+        parts.append(event.page_type)
+    if event.product_id:
+        parts.append(event.product_id)
+    if event.quantity and event.type in {"add_to_cart", "remove_from_cart"}:
+        parts.append(f"x{event.quantity}")
+    if event.dwell_ms is not None:
+        parts.append(f"dwell {event.dwell_ms} ms")
+    if event.url:
+        parts.append(event.url)
+    return " ".join(parts)
+
+
+def _line_user(raw: bytes) -> object:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data.get("user_id") if isinstance(data, dict) else None
+
+
+def explain_user(
+    events: Path, user_id: str, *, profiles: Path | None = None, rules: Path | None = None
+) -> Iterator[str]:
+    config = load_rules(rules or DEFAULT_RULES)
+    detector = Detector(config)
+    profile = (load_profiles(profiles) if profiles else {}).get(user_id, NO_PROFILE)
+    state = detector.new_user(user_id)
+    opted = ", ".join(profile.opt_in) or "nothing"
+    yield (f"user {user_id}: segment {profile.segment!r}, opted in to {opted}, "
+           f"timezone {profile.timezone or config.policies.default_timezone}")
+
+    trace: Trace = []
+    fired: dict[str, list[str]] = {}
+    counts = {"applied": 0, "duplicate": 0, "late": 0, "invalid": 0}
+    body: list[str] = []
+    for number, raw in iter_input_lines(events):
+        opened = open_envelope(raw, Origin(line=number))
+        if isinstance(opened, DeadLetter):
+            if _line_user(raw) == user_id:
+                counts["invalid"] += 1
+                body.append(f"line {number}: not an event: {opened.reason}")
+            continue
+        event = opened.event
+        if event.user_id != user_id:
+            continue
+        trace.clear()
+        verdict, decisions = detector.process(state, event, profile, trace=trace)
+        counts[verdict.value] += 1
+        head = f"{format_ms(event.ts)}  line {number}  {_describe(event)}"
+        if verdict is not Admit.APPLY:
+            why = ("repeats an event_id seen within 24 h" if verdict is Admit.DUPLICATE
+                   else f"below the watermark {format_ms(state.admission.watermark or 0)}")
+            body.append(f"{head}  -> {verdict.value}: {why}, not applied")
+            continue
+        body.append(head)
+        body.extend(_story(trace))
+        _tally(fired, decisions)
+
+    end = input_end(events)
+    if end is not None:
+        body.extend(_end_of_input(detector, state, end, fired))
+
+    yield (f"events: {counts['applied']} applied, {counts['duplicate']} duplicate, "
+           f"{counts['late']} late, {counts['invalid']} invalid")
+    yield ""
+    yield from body
+    yield ""
+    yield "per rule:"
+    last_notes = _last_note_per_rule(body)
+    for logic in detector.logics:
+        outcomes = fired.get(logic.name)
+        if outcomes:
+            yield f"  {logic.name}: fired {len(outcomes)}x ({', '.join(outcomes)})"
+        else:
+            reason = last_notes.get(logic.name, "no event ever matched this rule")
+            yield f"  {logic.name}: did not fire; last: {reason}"
+
+
+def _tally(fired: dict[str, list[str]], decisions: list[Decision]) -> None:
+    for decision in decisions:
+        fired.setdefault(decision.trigger.trigger_type, []).append(
+            decision.decision if decision.dispatched else f"suppressed ({decision.reason})"
+        )
+
+
+def _end_of_input(
+    detector: Detector, state: UserState, end: int, fired: dict[str, list[str]]
+) -> list[str]:
+    trace: Trace = []
+    decisions = detector.finish(state, end, trace=trace)
+    _tally(fired, decisions)
+    lines = [f"end of the input ({format_ms(end)}): timers due by then are decided"]
+    lines.extend(_story(trace))
+    for timer in state.timers.pending():
+        name = timer.rule if not timer.rule.startswith("~") else "session close"
+        lines.append(f"    {name}: deadline {format_ms(timer.deadline)} is after the end "
+                     "of the input: not decided")
+    return lines
+
+
+def _story(trace: Trace) -> list[str]:
+    return [f"    {rule or 'policy'}: {message}" for _, rule, message in trace]
+
+
+def _last_note_per_rule(body: list[str]) -> dict[str, str]:
+    notes: dict[str, str] = {}
+    for line in body:
+        stripped = line.strip()
+        if line.startswith("    ") and ": " in stripped:
+            rule, message = stripped.split(": ", 1)
+            notes[rule] = message
+    return notes
