@@ -15,54 +15,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory
+from live_helpers import expected_dispatched, load_sample_profiles, read_api_log, wait_for_ids
 
-from nudgeflow.dispatch_api import ServerThread, create_app
-from nudgeflow.events import Event, decode_event
-from nudgeflow.profiles import NO_PROFILE, Profile, profile_from_mapping
 from nudgeflow.rules import load_rules
-from nudgeflow.samples import SampleSpec, generate_lines, generate_profiles
+from nudgeflow.samples import SampleSpec, generate_lines
 from nudgeflow.settings import DEFAULT_RULES
-from operators.detector import Detector
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KILLS = int(os.environ.get("NUDGEFLOW_SOAK_KILLS", "10"))
-
-
-def _expected(lines: list[bytes], profiles: dict[str, Profile]) -> set[str]:
-    detector = Detector(load_rules(DEFAULT_RULES))
-    states: dict[str, Any] = {}
-    dispatched: set[str] = set()
-    for raw in lines:
-        event = decode_event(raw)
-        if not isinstance(event, Event):
-            continue
-        state = states.setdefault(event.user_id, detector.new_user(event.user_id))
-        _, decisions = detector.process(state, event, profiles.get(event.user_id, NO_PROFILE))
-        dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
-    return dispatched
-
-
-def _read_ids(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [orjson.loads(line)["trigger_id"] for line in path.read_bytes().splitlines() if line]
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    log = tmp_path / "api.jsonl"
-    with ServerThread(create_app(log_path=log)) as server:
-        yield server.url, log
 
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(
@@ -70,22 +37,17 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     redis_url: str,
     redis_client: redis.Redis,
     make_topic: TopicFactory,
-    api: tuple[str, Path],
+    dispatch_api: tuple[str, Path],
     tmp_path: Path,
 ) -> None:
-    api_url, api_log = api
+    api_url, api_log = dispatch_api
     topic = make_topic(partitions=3, prefix="crash")
     spec = SampleSpec(users=400, hours=3.0, seed=23)
     sample = list(generate_lines(spec))
     lines = [line.data for line in sample]
     keys = {line.data: line.user_id.encode() for line in sample}
-    profiles: dict[str, Profile] = {}
-    for row in generate_profiles(spec):
-        mapping = {k: (",".join(v) if isinstance(v, list) else str(v)) for k, v in row.items()
-                   if k != "user_id"}
-        redis_client.hset(f"profile:{row['user_id']}", mapping=mapping)
-        profiles[row["user_id"]] = profile_from_mapping(mapping)
-    expected = _expected(lines, profiles)
+    profiles = load_sample_profiles(redis_client, spec)
+    expected = expected_dispatched(lines, profiles, load_rules(DEFAULT_RULES))
     assert len(expected) > 50
 
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
@@ -121,20 +83,17 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         time.sleep(rng.uniform(1.0, 4.0))
         flow.send_signal(signal.SIGKILL)
         flow.communicate(timeout=30)
-        received_before_kill.append(len(_read_ids(api_log)))
+        received_before_kill.append(len(read_api_log(api_log)))
     produce(pieces[-1])
     flow = start()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(set(_read_ids(api_log))) < len(expected):
-            time.sleep(0.2)
+        received = wait_for_ids(api_log, expected, timeout_s=120)
     finally:
         flow.terminate()
         _, err = flow.communicate(timeout=30)
         if flow.stderr is not None:
             flow.stderr.close()
 
-    received = _read_ids(api_log)
     print(f"crash test seed={seed} kills={KILLS} expected={len(expected)} "
           f"received={len(received)} after-each-kill={received_before_kill}")
     missing = expected - set(received)

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,11 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
+from live_helpers import expected_dispatched, read_api_log, wait_for_ids
 
-from nudgeflow.dispatch_api import ServerThread, create_app
-from nudgeflow.events import Event, decode_event
-from nudgeflow.profiles import NO_PROFILE, Profile
+from nudgeflow.profiles import Profile
+from nudgeflow.rules import RulesConfig, parse_rules
 from nudgeflow.timeutil import datetime_to_ms, format_ms
-from operators.detector import Detector
 
 pytestmark = pytest.mark.integration
 
@@ -83,53 +81,8 @@ def _history() -> list[bytes]:
     return lines
 
 
-def _expected(lines: list[bytes], profiles: dict[str, Profile], horizon_ms: int) -> set[str]:
-    """Dispatched trigger ids the detector decides for this arrival order.
-
-    `horizon_ms` stands for the wall time the test waits while users are quiet.
-    """
-    detector = Detector(load_rules_text(RULES))
-    states: dict[str, Any] = {}
-    dispatched: set[str] = set()
-    for raw in lines:
-        event = decode_event(raw)
-        if not isinstance(event, Event):
-            continue
-        state = states.setdefault(event.user_id, detector.new_user(event.user_id))
-        _, decisions = detector.process(state, event, profiles.get(event.user_id, NO_PROFILE))
-        dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
-    for state in states.values():
-        decisions = detector.advance(state, state.admission.max_ts + horizon_ms)
-        dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
-    return dispatched
-
-
-def load_rules_text(text: str) -> Any:
-    from nudgeflow.rules import parse_rules
-
+def load_rules_text(text: str) -> RulesConfig:
     return parse_rules(text, "test-rules.yaml")
-
-
-@pytest.fixture
-def dispatch_api(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    log = tmp_path / "api.jsonl"
-    with ServerThread(create_app(log_path=log)) as server:
-        yield server.url, log
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-
-def _wait_for(path: Path, count: int, timeout_s: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    rows = _read_log(path)
-    while len(rows) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-        rows = _read_log(path)
-    return rows
 
 
 def test_live_flow_dispatches_exactly_the_detected_triggers(
@@ -177,8 +130,8 @@ def test_live_flow_dispatches_exactly_the_detected_triggers(
         for key, value in messages:
             producer.produce(events_topic, value=value, key=key)
         producer.flush(30)
-        expected = _expected(history, profiles, horizon_ms=60_000)
-        rows = _wait_for(api_log, len(expected), timeout_s=60)
+        expected = expected_dispatched(history, profiles, load_rules_text(RULES), quiet_ms=60_000)
+        wait_for_ids(api_log, expected, timeout_s=60)
         # The flow is up and caught up. A quiet user whose cart timer only the wall
         # clock can decide; the producer is warm, so the event leaves now.
         produced_at = datetime_to_ms_now()
@@ -186,7 +139,11 @@ def test_live_flow_dispatches_exactly_the_detected_triggers(
                        product_id="p1", price=5.0)
         producer.produce(events_topic, value=quiet, key=b"quiet")
         assert producer.flush(30) == 0
-        rows = _wait_for(api_log, len(expected) + 1, timeout_s=30)
+        deadline = time.monotonic() + 30
+        while not any(r["user_id"] == "quiet" for r in read_api_log(api_log)):
+            assert time.monotonic() < deadline, "the quiet user's timer never fired"
+            time.sleep(0.05)
+        rows = read_api_log(api_log)
     finally:
         flow.terminate()
         output, _ = flow.communicate(timeout=30)

@@ -1,0 +1,59 @@
+"""Parallelism: 2 processes on a 6-partition topic decide exactly what 1 worker decides."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Producer
+from kafka_helpers import TopicFactory
+from live_helpers import expected_dispatched, load_sample_profiles, wait_for_ids
+
+from nudgeflow.rules import load_rules
+from nudgeflow.samples import SampleSpec, generate_lines
+from nudgeflow.settings import DEFAULT_RULES
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_two_processes_on_six_partitions_dispatch_what_one_worker_decides(
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    make_topic: TopicFactory,
+    dispatch_api: tuple[str, Path],
+) -> None:
+    api_url, api_log = dispatch_api
+    topic = make_topic(partitions=6, prefix="cluster")
+    spec = SampleSpec(users=300, hours=3.0, seed=5)
+    sample = list(generate_lines(spec))
+    profiles = load_sample_profiles(redis_client, spec)
+    expected = expected_dispatched([s.data for s in sample], profiles, load_rules(DEFAULT_RULES))
+    assert len(expected) > 50
+
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    for line in sample:
+        producer.produce(topic, value=line.data, key=line.user_id.encode())
+    assert producer.flush(30) == 0
+
+    cluster = subprocess.Popen(
+        [sys.executable, "-m", "nudgeflow.cli", "run", "--processes", "2",
+         "--brokers", kafka_bootstrap, "--topic", topic, "--dispatch-url", api_url,
+         "--redis-url", redis_url],
+        env={**os.environ, "NUDGEFLOW_DISPATCH__TIMEOUT_S": "2.0",
+             "NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC": f"{topic}.dlq",
+             "NUDGEFLOW_KAFKA__DECISIONS_TOPIC": f"{topic}.decisions"},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        received = wait_for_ids(api_log, expected, timeout_s=120)
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        _, err = cluster.communicate(timeout=60)
+    assert set(received) == expected, err.decode(errors="replace")[-2000:]
+    assert len(received) == len(set(received))

@@ -1,0 +1,71 @@
+"""Helpers for the live-flow integration tests: expected triggers, profiles, the API log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from nudgeflow.events import Event, decode_event
+from nudgeflow.profiles import NO_PROFILE, Profile, profile_from_mapping
+from nudgeflow.rules import RulesConfig
+from nudgeflow.samples import SampleSpec, generate_profiles
+from operators.detector import Detector
+
+
+def expected_dispatched(
+    lines: list[bytes], profiles: dict[str, Profile], rules: RulesConfig,
+    quiet_ms: int | None = None,
+) -> set[str]:
+    """Trigger ids the detector dispatches for this arrival order (what a replay decides).
+
+    `quiet_ms` lets every user's time run on that far after their last event, as
+    the wall clock does in live mode while a test waits.
+    """
+    detector = Detector(rules)
+    states: dict[str, Any] = {}
+    dispatched: set[str] = set()
+    for raw in lines:
+        event = decode_event(raw)
+        if not isinstance(event, Event):
+            continue
+        state = states.setdefault(event.user_id, detector.new_user(event.user_id))
+        _, decisions = detector.process(state, event, profiles.get(event.user_id, NO_PROFILE))
+        dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
+    if quiet_ms is not None:
+        for state in states.values():
+            decisions = detector.advance(state, state.admission.max_ts + quiet_ms)
+            dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
+    return dispatched
+
+
+def load_sample_profiles(client: redis.Redis, spec: SampleSpec) -> dict[str, Profile]:
+    """Writes the sample's profiles as Redis hashes; returns them as the flow will read them."""
+    profiles: dict[str, Profile] = {}
+    pipe = client.pipeline(transaction=False)
+    for row in generate_profiles(spec):
+        mapping = {k: (",".join(v) if isinstance(v, list) else str(v))
+                   for k, v in row.items() if k != "user_id"}
+        pipe.hset(f"profile:{row['user_id']}", mapping=mapping)
+        profiles[row["user_id"]] = profile_from_mapping(mapping)
+    pipe.execute()
+    return profiles
+
+
+def read_api_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def wait_for_ids(path: Path, wanted: set[str], timeout_s: float) -> list[str]:
+    """Polls the API log until every wanted id is there, or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ids = [row["trigger_id"] for row in read_api_log(path)]
+        if wanted <= set(ids) or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.2)
