@@ -37,6 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
 from nudgeflow.errors import ConfigError, ServiceError
+from nudgeflow.observability import Health, configure_logging, serve_health
 from nudgeflow.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
 from nudgeflow.rules import RulesConfig, load_rules
 from nudgeflow.settings import Settings
@@ -189,6 +190,17 @@ def check_kafka(bootstrap: str, topic: str, timeout_s: float = 5.0) -> None:
         raise ServiceError(msg)
 
 
+def _start_health(health: Health, settings: Settings) -> None:
+    if settings.health_port == 0:
+        return
+    port = settings.health_port + (settings.process_id or 0)
+    try:
+        serve_health(health, settings.health_host, port)
+    except OSError as exc:
+        # A busy port must not stop the flow: it is an operator aid, not the product.
+        log.warning("health endpoints not served", extra={"port": port, "error": str(exc)})
+
+
 def recovery_config(settings: Settings) -> RecoveryConfig | None:
     """Bytewax recovery for `settings.recovery_dir`, initialising the directory when absent."""
     directory = settings.recovery_dir
@@ -206,9 +218,17 @@ def recovery_config(settings: Settings) -> RecoveryConfig | None:
 
 def run_live(settings: Settings, *, start_at_end: bool = False) -> None:
     """`nudgeflow run`: check the services, then run the live flow until stopped."""
+    configure_logging(settings.log_level)
+    health = Health()
+    _start_health(health, settings)
     rules = load_rules(settings.rules)
     check_kafka(settings.kafka.bootstrap, settings.kafka.input_topic)
     flow = build_live_flow(settings, rules=rules, start_at_end=start_at_end)
+    health.detail = "running"
+    health.ready.set()
+    log.info("flow started", extra={"topic": settings.kafka.input_topic,
+                                    "workers": settings.workers,
+                                    "process_id": settings.process_id})
     cli_main(
         flow,
         workers_per_process=settings.workers,

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     recovery_dir: Path | None = None
     recovery_partitions: int = Field(default=1, ge=1)
     snapshot_interval_s: float = Field(default=10.0, gt=0)
+    # /healthz, /readyz and /metrics; port 0 turns them off. Process i of a cluster uses port + i.
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=9100, ge=0, le=65535)
+    log_level: str = "INFO"
 
 
 def load_settings(
