@@ -142,6 +142,12 @@ def build_replay_flow(
     detector = Detector(config)
     known: dict[str, Profile] = load_profiles(Path(profiles)) if profiles is not None else {}
     end_bound = input_end(events_path)
+    # A sink partition that receives nothing is never built, so never writes: start
+    # both files empty, and an input without triggers or bad lines still leaves them.
+    # (Every process of a cluster builds the flow before any data moves, so this
+    # cannot truncate a file another process already wrote.)
+    for path in (out_path, dlq_path):
+        path.write_bytes(b"")
 
     flow = Dataflow("nudgeflow_replay")
     lines = op.input("lines", flow, EventLinesSource(events_path))

@@ -158,3 +158,16 @@ def test_output_is_identical_with_1_and_2_workers_and_2_processes(tmp_path: Path
         assert outs[name].read_bytes() == baseline, name
     dlq = {n: (tmp_path / f"{n}.dlq.jsonl").read_bytes() for n in outs}
     assert dlq["w2"] == dlq["w1"] == dlq["p2"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_an_input_with_no_events_leaves_empty_outputs_and_exit_0(
+    tmp_path: Path, content: bytes
+) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(content)
+    out = tmp_path / "triggers.jsonl"
+    out.write_bytes(b"stale\n")
+    assert main(["replay", str(events), "--out", str(out), "--quiet"]) == 0
+    assert out.read_bytes() == b""
+    assert (tmp_path / "triggers.dlq.jsonl").read_bytes() == b""
