@@ -38,7 +38,9 @@ class Bounds:
 def _partitions(bootstrap: str, topic: str) -> list[int]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
-        metadata = admin.list_topics(topic, timeout=10)
+        # All topics, not `list_topics(topic)`: a metadata request for one topic
+        # creates it on brokers with auto.create.topics.enable.
+        metadata = admin.list_topics(timeout=10)
     except KafkaException as exc:
         msg = f"cannot reach Kafka at {bootstrap}: {exc}"
         raise ServiceError(msg) from None
