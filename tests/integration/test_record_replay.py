@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import orjson
@@ -66,7 +67,8 @@ def test_a_recording_replays_into_a_topic_and_through_the_flow_unchanged(
 def test_record_of_a_missing_topic_is_one_clear_error(
     kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["record", "--topic", "no-such-topic-xyz", "--out", str(tmp_path / "r"),
+    missing = f"no-such-topic-{uuid.uuid4().hex}"
+    code = main(["record", "--topic", missing, "--out", str(tmp_path / "r"),
                  "--brokers", kafka_bootstrap, "--no-progress"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
