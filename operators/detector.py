@@ -151,6 +151,7 @@ class Detector:
         self.session_matchers: list[EventMatch] = []
         for order, rule in enumerate(config.enabled_rules):
             self.logics.append(self._build(rule, order))
+        self._share_counters()
         self._by_name = {logic.name: logic for logic in self.logics}
         self._listeners: dict[str, list[RuleLogic]] = {}
         for logic in self.logics:
@@ -189,6 +190,15 @@ class Detector:
             return SessionCloseLogic(rule, order, require, forbid)
         msg = f"no logic for rule kind {rule.kind!r}"
         raise TypeError(msg)
+
+    def _share_counters(self) -> None:
+        owners: dict[tuple[str, str | None], CountInWindowLogic] = {}
+        for logic in self.logics:
+            if isinstance(logic, CountInWindowLogic):
+                key = (logic.rule.match.model_dump_json(), logic.rule.scope)
+                owner = owners.setdefault(key, logic)
+                if owner is not logic:
+                    logic.share_counter_with(owner)
 
     def _session_matcher(self, match: EventMatch) -> int:
         self.session_matchers.append(match)
@@ -335,8 +345,9 @@ class Detector:
         session, _ended = user.sessions.place(event.ts)
         session.events += 1
         for index, match in enumerate(self.session_matchers):
-            if index not in session.matched and match.matches(event):
-                session.matched.add(index)
+            bit = 1 << index
+            if not session.matched & bit and match.matches(event):
+                session.matched |= bit
         if (
             event.type == "page_view"
             and event.page_type == "product"
@@ -346,7 +357,7 @@ class Detector:
             session.products.append(event.product_id)
         # An ended session keeps the close timer it had; the current one's moves with it.
         user.timers.set(
-            SESSION_TIMER, self._session_order, f"{session.index:012d}",
+            SESSION_TIMER, self._session_order, str(session.index),
             session.close_at(self.session_gap),
         )
         return session

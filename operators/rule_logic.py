@@ -132,24 +132,38 @@ class AbsenceLogic(RuleLogic):
 
 
 class CountInWindowLogic(RuleLogic):
-    """The matching event that makes `min_count` or more in `[ts - window, ts]` for its scope."""
+    """The matching event that makes `min_count` or more in `[ts - window, ts]` for its scope.
+
+    Rules that count the same events by the same scope (product_interest and
+    product_retargeting) share one counter: the first of them in the file owns
+    it, adds each event and keeps it for the longest of their windows; the
+    others only read it. Their cooldowns stay their own.
+    """
 
     kind = "count_in_window"
 
     def __init__(self, config: CountInWindowRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.owner: CountInWindowLogic = self
+        self.keep_ms = config.window
 
-    def new_state(self) -> tuple[SlidingCounter, Cooldowns]:
-        return SlidingCounter(), Cooldowns(self.rule.cooldown)
+    def share_counter_with(self, owner: CountInWindowLogic) -> None:
+        self.owner = owner
+        owner.keep_ms = max(owner.keep_ms, self.rule.window)
+
+    def new_state(self) -> tuple[SlidingCounter | None, Cooldowns]:
+        return (SlidingCounter() if self.owner is self else None), Cooldowns(self.rule.cooldown)
 
     def on_event(self, step: Step, event: Event, session: Session | None) -> None:
         if not self.rule.match.matches(event):
             return
-        counter, cooldowns = step.state(self)
+        cooldowns = step.state(self)[1]
+        counter: SlidingCounter = step.state(self.owner)[0]
         scope = scope_of(event, self.rule.scope)
         ts = event.ts
-        counter.add(scope, ts)
+        if self.owner is self:
+            counter.add(scope, ts)
         count = counter.count(scope, ts - self.rule.window, ts)
         if count < self.rule.min_count:
             step.note(self, ts, f"{count} of {self.rule.min_count} needed within "
@@ -164,13 +178,14 @@ class CountInWindowLogic(RuleLogic):
         if step.fire(self, ts, scope, metadata):
             cooldowns.record(scope, ts)
 
-    def prune(self, state: tuple[SlidingCounter, Cooldowns], watermark: int) -> None:
+    def prune(self, state: tuple[SlidingCounter | None, Cooldowns], watermark: int) -> None:
         counter, cooldowns = state
-        counter.prune(watermark - self.rule.window)
+        if counter is not None:
+            counter.prune(watermark - self.keep_ms)
         cooldowns.prune(watermark)
 
-    def state_empty(self, state: tuple[SlidingCounter, Cooldowns] | None) -> bool:
-        return state is None or (state[0].empty and state[1].empty)
+    def state_empty(self, state: tuple[SlidingCounter | None, Cooldowns] | None) -> bool:
+        return state is None or ((state[0] is None or state[0].empty) and state[1].empty)
 
 
 class ThresholdLogic(RuleLogic):
@@ -271,10 +286,10 @@ class SessionCloseLogic(RuleLogic):
     def on_session_close(self, step: Step, session: Session) -> None:
         matched = session.matched
         fired_at = session.close_at(step.session_gap)
-        if not all(i in matched for i in self.require):
+        if not all(matched >> i & 1 for i in self.require):
             step.note(self, fired_at, f"session {session.index} closed without a required event")
             return
-        if any(i in matched for i in self.forbid):
+        if any(matched >> i & 1 for i in self.forbid):
             step.note(self, fired_at, f"session {session.index} closed with a forbidden event")
             return
         cooldowns: Cooldowns = step.state(self)

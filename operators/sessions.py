@@ -23,8 +23,8 @@ class Session:
     start_ts: int
     latest_ts: int
     events: int = 0
-    # indices of the session matchers (declared by the rules) that some event hit
-    matched: set[int] = field(default_factory=set)
+    # bit i set: session matcher i (declared by the rules) was hit by some event
+    matched: int = 0
     # product ids viewed, first view first (browse_abandonment's metadata)
     products: list[str] = field(default_factory=list)
 
