@@ -24,11 +24,28 @@ Why it is built this way:
   failure callback.
 - Each partition owns one event loop and one client for its whole life: a loop or
   a pool per batch would throw the keep-alive connections away on every batch.
+- A circuit breaker (`sinks.circuit`) watches the attempts. After
+  `circuit_failure_threshold` consecutive failures it opens: no request goes out,
+  and `write_batch` waits (the flow back-pressures; Kafka keeps the input) instead
+  of dropping or dead-lettering anything. Every `circuit_open_s` one probe goes;
+  its success lets everything through again. Only real attempts count towards
+  `max_attempts`: a trigger is dead-lettered because the API kept failing *it*,
+  never because the sink was waiting. A 4xx proves the API is alive and closes
+  the breaker.
+- Authentication: a bearer token (`token`) and/or an HMAC-SHA256 signature of the
+  exact body bytes (`hmac_secret`, see `nudgeflow.signing`), signed afresh on
+  every attempt. Neither is ever logged.
+- Personalisation: an optional `render(decision) -> {"subject"?, "body"}` (for
+  example `nudgeflow.messages.MessageRenderer.for_profiles`) is added to the body
+  as `message`. A decision that cannot be rendered goes to the failure callback
+  without an attempt, like a body that is not JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -44,7 +61,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from nudgeflow.errors import DispatchError
 from nudgeflow.settings import DispatchSettings
+from nudgeflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from nudgeflow.triggers import Decision
+from sinks.circuit import CircuitBreaker, CircuitState
 
 __all__ = [
     "TRIGGER_PATH",
@@ -52,6 +71,8 @@ __all__ = [
     "DispatchSink",
     "Dispatcher",
     "FailureCallback",
+    "Render",
+    "make_breaker",
     "make_client",
     "raise_dispatch_error",
 ]
@@ -88,6 +109,8 @@ class DispatchResult:
 FailureCallback = Callable[[Decision, DispatchResult], None]
 Sleep = Callable[[float], Awaitable[None]]
 ClientFactory = Callable[[], httpx.AsyncClient]
+# The personalised message of one decision: {"subject"?: str, "body": str}.
+Render = Callable[[Decision], dict[str, str]]
 
 
 def raise_dispatch_error(decision: Decision, result: DispatchResult) -> None:
@@ -109,6 +132,17 @@ def make_client(
     return httpx.AsyncClient(transport=transport, limits=limits, timeout=settings.timeout_s)
 
 
+def make_breaker(
+    settings: DispatchSettings, clock: Callable[[], float] = time.monotonic
+) -> CircuitBreaker:
+    """The circuit breaker that `settings` describe."""
+    return CircuitBreaker(
+        failure_threshold=settings.circuit_failure_threshold,
+        open_interval_s=settings.circuit_open_s,
+        clock=clock,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Attempt:
     status: int | None
@@ -127,6 +161,10 @@ class Dispatcher:
     `client` is used as given and not closed here; without it the dispatcher
     builds one (over `transport` if given) and closes it in `aclose()`.
     Not bound to bytewax: any asyncio code can use it.
+
+    `render` adds a personalised `message` to each body. `breaker` defaults to
+    `make_breaker(settings)`; tests pass one on a fake clock and a `sleep` that
+    moves that clock. `wall_clock` (Unix seconds) stamps HMAC signatures.
     """
 
     def __init__(
@@ -140,6 +178,9 @@ class Dispatcher:
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.perf_counter,
         max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S,
+        render: Render | None = None,
+        breaker: CircuitBreaker | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if client is not None and transport is not None:
             msg = "give either a client or a transport, not both"
@@ -159,6 +200,14 @@ class Dispatcher:
             if settings.token is not None
             else {}
         )
+        self._hmac_secret: bytes | None = (
+            settings.hmac_secret.get_secret_value().encode()
+            if settings.hmac_secret is not None
+            else None
+        )
+        self._render = render
+        self._breaker = breaker if breaker is not None else make_breaker(settings)
+        self._wall_clock = wall_clock
         self._on_failure = on_failure
         self._sleep = sleep
         self._rand = rand
@@ -166,6 +215,15 @@ class Dispatcher:
         # A semaphore binds to the loop that first waits on it; keep one per loop.
         self._semaphore: asyncio.Semaphore | None = None
         self._semaphore_loop: asyncio.AbstractEventLoop | None = None
+        # Set (and replaced) whenever an attempt reports to the breaker: wakes the waiters.
+        self._circuit_changed = asyncio.Event()
+        # Tickets of the triggers waiting for the circuit, smallest first: the probe order.
+        self._tickets = itertools.count()
+        self._queue: list[int] = []
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
 
     async def send_all(self, decisions: Sequence[Decision]) -> list[DispatchResult]:
         """Send every dispatched decision; one result each, in input order.
@@ -209,29 +267,42 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         if self._semaphore is None or self._semaphore_loop is not loop:
             self._semaphore = asyncio.Semaphore(self._max_in_flight)
+            self._circuit_changed = asyncio.Event()
             self._semaphore_loop = loop
         return self._semaphore
 
     async def _send_one(self, decision: Decision, semaphore: asyncio.Semaphore) -> DispatchResult:
         trigger_id = decision.trigger.trigger_id
         start = self._clock()
+        body = decision.dispatch_body()
+        if self._render is not None:
+            try:
+                body["message"] = self._render(decision)
+            except Exception as exc:  # a template or lookup problem: no retry can fix it
+                error = f"message not rendered: {_describe(exc)}"
+                return DispatchResult(trigger_id, False, None, 0, error, 0.0)
         try:
-            content = orjson.dumps(decision.dispatch_body())
+            content = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:
             # Bad metadata never gets better: no attempt, straight to the failure path.
             return DispatchResult(trigger_id, False, None, 0, f"body is not JSON: {exc}", 0.0)
-        headers = {
-            "Idempotency-Key": trigger_id,
-            "Content-Type": "application/json",
-            **self._auth,
-        }
         attempts = 0
         while True:
+            # Outside the semaphore: a trigger waiting for the circuit holds no slot,
+            # so the half-open probe always finds one.
+            await self._await_circuit()
             attempts += 1
             # The semaphore is held per attempt, not across backoff sleeps: a
             # waiting retry must not keep a fresh trigger from being sent.
-            async with semaphore:
-                attempt = await self._attempt(content, headers)
+            reported = False
+            try:
+                async with semaphore:
+                    attempt = await self._attempt(content, self._headers(trigger_id, content))
+                self._report(attempt)
+                reported = True
+            finally:
+                if not reported:  # cancelled mid-attempt: free the probe slot if it was ours
+                    self._breaker.release()
             done = attempt.ok or not attempt.retryable or attempts >= self._max_attempts
             if done:
                 latency_ms = (self._clock() - start) * 1000.0
@@ -247,6 +318,94 @@ class Dispatcher:
                 delay,
             )
             await self._sleep(delay)
+
+    def _headers(self, trigger_id: str, content: bytes) -> dict[str, str]:
+        headers = {
+            "Idempotency-Key": trigger_id,
+            "Content-Type": "application/json",
+            **self._auth,
+        }
+        if self._hmac_secret is not None:
+            # Signed per attempt: a retry after a long wait still has a fresh timestamp.
+            timestamp = str(int(self._wall_clock()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(self._hmac_secret, timestamp, content)
+        return headers
+
+    async def _await_circuit(self) -> None:
+        """Return once the breaker lets an attempt go; wait (never fail) while it is open.
+
+        Waiters queue in arrival order for the half-open probe, and a trigger whose
+        probe failed queues again at the back: while the API is down, every trigger
+        spends its attempts at the same pace instead of one using them all up.
+        """
+        initial = self._breaker.state
+        if initial is CircuitState.CLOSED:
+            return
+        ticket = next(self._tickets)
+        heapq.heappush(self._queue, ticket)
+        try:
+            while True:
+                state = self._breaker.state
+                if state is CircuitState.CLOSED:
+                    return
+                if state is CircuitState.HALF_OPEN and self._queue[0] != ticket:
+                    wait_s = math.inf  # not our turn to probe: wait for the probe's outcome
+                else:
+                    wait_s = self._breaker.acquire()
+                    if wait_s == 0.0:
+                        return
+                await self._wait_for_circuit(wait_s)
+        finally:
+            first = self._queue[0] == ticket
+            self._queue.remove(ticket)
+            heapq.heapify(self._queue)
+            if first:  # the next in line may be waiting for its turn
+                self._notify_circuit()
+
+    async def _wait_for_circuit(self, wait_s: float) -> None:
+        """Until the breaker changes, or `wait_s` passes (on the injected sleep)."""
+        changed = self._circuit_changed
+        if math.isinf(wait_s):
+            await changed.wait()
+            return
+        waiters = [
+            asyncio.ensure_future(changed.wait()),
+            asyncio.ensure_future(self._sleep(wait_s)),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    def _notify_circuit(self) -> None:
+        changed, self._circuit_changed = self._circuit_changed, asyncio.Event()
+        changed.set()
+
+    def _report(self, attempt: _Attempt) -> None:
+        """Tell the breaker how the API did, and wake whoever waits on it."""
+        before = self._breaker.state
+        if attempt.retryable:
+            self._breaker.record_failure()
+        elif attempt.status is not None:  # 2xx or a 4xx: the API is alive
+            self._breaker.record_success()
+        else:  # a bad URL or protocol: says nothing about the API's health
+            self._breaker.release()
+        after = self._breaker.state
+        if before is CircuitState.CLOSED and after is CircuitState.CLOSED:
+            return  # the common case: nobody can be waiting on a closed circuit
+        if after is not before:
+            if after is CircuitState.OPEN and before is CircuitState.CLOSED:
+                logger.warning(
+                    "dispatch API failing (%s): circuit open, waiting %.3g s between probes",
+                    attempt.error,
+                    self._breaker.open_interval_s,
+                )
+            elif after is CircuitState.CLOSED:
+                logger.warning("dispatch API answers again: circuit closed")
+        self._notify_circuit()
 
     async def _attempt(self, content: bytes, headers: dict[str, str]) -> _Attempt:
         try:
@@ -361,6 +520,11 @@ class DispatchSink(DynamicSink[Decision]):
     default raises `DispatchError`, stopping the flow rather than losing a
     trigger. A callback with a `flush(timeout)` method is flushed after every
     batch that had a failure and at close.
+
+    `render_factory` builds each partition's `Render` (personalised `message`);
+    `breaker_factory` each partition's circuit breaker (default:
+    `make_breaker(settings)`). While a partition's breaker is open its
+    `write_batch` blocks: the flow back-pressures instead of dropping.
     """
 
     def __init__(
@@ -372,8 +536,12 @@ class DispatchSink(DynamicSink[Decision]):
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         flush_timeout_s: float = 10.0,
+        render_factory: Callable[[], Render] | None = None,
+        breaker_factory: Callable[[], CircuitBreaker] | None = None,
     ) -> None:
         self._settings = settings
+        self._render_factory = render_factory
+        self._breaker_factory = breaker_factory
         self._client_factory = client_factory
         self._failure_factory = failure_factory
         self._sleep = sleep
@@ -393,5 +561,11 @@ class DispatchSink(DynamicSink[Decision]):
 
     def _dispatcher(self, client: httpx.AsyncClient, on_failure: FailureCallback) -> Dispatcher:
         return Dispatcher(
-            self._settings, client, on_failure=on_failure, sleep=self._sleep, rand=self._rand
+            self._settings,
+            client,
+            on_failure=on_failure,
+            sleep=self._sleep,
+            rand=self._rand,
+            render=self._render_factory() if self._render_factory is not None else None,
+            breaker=self._breaker_factory() if self._breaker_factory is not None else None,
         )

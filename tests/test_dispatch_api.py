@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from datetime import UTC, datetime
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis
+from fastapi import FastAPI
 from pydantic import SecretStr
 
-from nudgeflow.dispatch_api import ServerThread, create_app
+from nudgeflow.channels import Contact, DeliveryError, Message
+from nudgeflow.dispatch_api import ServerThread, build_app, create_app
+from nudgeflow.errors import ConfigError, ServiceError
 from nudgeflow.settings import DispatchSettings
+from nudgeflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from nudgeflow.timeutil import datetime_to_ms
-from nudgeflow.triggers import Decision, Trigger, make_trigger_id
+from nudgeflow.trigger_store import (
+    InMemoryTriggerStore,
+    RedisTriggerStore,
+    Status,
+    StoredTrigger,
+    TriggerStore,
+)
+from nudgeflow.triggers import Channel, Decision, Trigger, make_trigger_id
 from sinks.dispatch import Dispatcher, DispatchResult
 
 NOW = datetime(2026, 3, 1, 10, 15, tzinfo=UTC)
@@ -70,8 +85,14 @@ def log_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server(log_path: Path) -> Iterator[ServerThread]:
-    with ServerThread(create_app(log_path, clock=fixed_now)) as running:
+def app(log_path: Path) -> FastAPI:
+    # No scheduler thread: statuses stay as they are until a test delivers.
+    return create_app(log_path, clock=fixed_now, run_scheduler=False)
+
+
+@pytest.fixture
+def server(app: FastAPI) -> Iterator[ServerThread]:
+    with ServerThread(app) as running:
         yield running
 
 
@@ -113,7 +134,7 @@ def test_repeat_answers_the_same_and_sends_nothing_new(
     assert len(log_lines(log_path)) == 1
 
 
-def test_status_in_both_forms(client: httpx.Client) -> None:
+def test_status_in_both_forms(client: httpx.Client) -> None:  # before delivery
     body = make_decision().dispatch_body()
     post(client, body)
     expected = {"trigger_id": body["trigger_id"], "status": "accepted"}
@@ -215,8 +236,7 @@ def test_dispatcher_retries_through_injected_failures(log_path: Path) -> None:
 
         assert (result.ok, result.status, result.attempts) == (True, 202, 3)
         with httpx.Client(base_url=server.url) as client:
-            status = client.get(f"/api/trigger/status/{decision.trigger.trigger_id}")
-        assert status.json()["status"] == "accepted"
+            wait_for(lambda: status_of(client, decision.trigger.trigger_id) == "sent")
     [line] = log_lines(log_path)
     assert line["trigger_id"] == decision.trigger.trigger_id
 
@@ -245,3 +265,459 @@ def test_bearer_token_is_required_when_configured(log_path: Path) -> None:
 
     assert result.ok
     assert len(log_lines(log_path)) == 1
+
+
+# -- delivery, scheduling, cancelling ----------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            msg = "condition not met in time"
+            raise AssertionError(msg)
+        time.sleep(0.01)
+
+
+def status_of(client: httpx.Client, trigger_id: str) -> str:
+    response = client.get(f"/api/trigger/status/{trigger_id}")
+    assert response.status_code == 200, response.text
+    status: str = response.json()["status"]
+    return status
+
+
+class MutableClock:
+    """`now` for the API, moved by the test."""
+
+    def __init__(self, now: datetime = NOW) -> None:
+        self._now = now
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        with self._lock:
+            self._now += delta
+
+
+class RecordingAdapter:
+    """A channel adapter that keeps what it is asked to send (or fails, when told to)."""
+
+    def __init__(self, channel: Channel = "email", error: str | None = None) -> None:
+        self._channel: Channel = channel
+        self.error = error
+        self.sent: list[tuple[Message, Contact, str]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def channel(self) -> Channel:
+        return self._channel
+
+    def send(self, message: Message, contact: Contact, *, trigger_id: str) -> None:
+        with self._lock:
+            self.sent.append((message, contact, trigger_id))
+        if self.error is not None:
+            raise DeliveryError(self._channel, self.error)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [trigger_id for _, _, trigger_id in self.sent]
+
+
+def test_accepted_becomes_sent_once_delivered(
+    app: FastAPI, client: httpx.Client, log_path: Path
+) -> None:
+    body = make_decision().dispatch_body()
+    post(client, body)
+    assert status_of(client, body["trigger_id"]) == "accepted"
+
+    assert app.state.scheduler.run_once() == 1
+
+    assert status_of(client, body["trigger_id"]) == "sent"
+    # a repeat still answers the first answer, and nothing is delivered again
+    assert post(client, body).json()["status"] == "accepted"
+    assert app.state.scheduler.run_once() == 0
+    assert len(log_lines(log_path)) == 1
+
+
+def test_scheduled_is_sent_when_due_and_not_before() -> None:
+    clock = MutableClock()
+    email = RecordingAdapter()
+    app = create_app(clock=clock, adapters={"email": email}, run_scheduler=False)
+    later = make_decision(send_at_ms=NOW_MS + 600_000).dispatch_body()
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        assert post(client, later).json()["status"] == "scheduled"
+
+        clock.advance(timedelta(minutes=9, seconds=59))
+        assert app.state.scheduler.run_once() == 0
+        assert status_of(client, later["trigger_id"]) == "scheduled"
+
+        clock.advance(timedelta(seconds=1))
+        assert app.state.scheduler.run_once() == 1
+        assert status_of(client, later["trigger_id"]) == "sent"
+
+    assert email.ids() == [later["trigger_id"]]
+
+
+def test_scheduler_thread_sends_due_triggers_by_itself() -> None:
+    clock = MutableClock()
+    email = RecordingAdapter()
+    app = create_app(clock=clock, adapters={"email": email}, scheduler_interval_s=0.01)
+    now_body = make_decision(0).dispatch_body()
+    later_body = make_decision(1, send_at_ms=NOW_MS + 3_600_000).dispatch_body()
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        post(client, now_body)
+        post(client, later_body)
+        wait_for(lambda: status_of(client, now_body["trigger_id"]) == "sent")
+        assert status_of(client, later_body["trigger_id"]) == "scheduled"
+
+        clock.advance(timedelta(hours=1))
+
+        wait_for(lambda: status_of(client, later_body["trigger_id"]) == "sent")
+    assert sorted(email.ids()) == sorted([now_body["trigger_id"], later_body["trigger_id"]])
+
+
+def test_cancel_a_scheduled_trigger() -> None:
+    clock = MutableClock()
+    email = RecordingAdapter()
+    app = create_app(clock=clock, adapters={"email": email}, run_scheduler=False)
+    first = make_decision(0, send_at_ms=NOW_MS + 600_000).dispatch_body()
+    second = make_decision(1, send_at_ms=NOW_MS + 600_000).dispatch_body()
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        post(client, first)
+        post(client, second)
+
+        by_post = client.post(f"/api/trigger/{first['trigger_id']}/cancel")
+        by_delete = client.delete(f"/api/trigger/{second['trigger_id']}")
+        again = client.post(f"/api/trigger/{first['trigger_id']}/cancel")
+
+        for response, body in ((by_post, first), (by_delete, second), (again, first)):
+            assert response.status_code == 200, response.text
+            assert response.json() == {"trigger_id": body["trigger_id"], "status": "cancelled"}
+        assert status_of(client, first["trigger_id"]) == "cancelled"
+        clock.advance(timedelta(hours=1))
+        assert app.state.scheduler.run_once() == 0
+        assert status_of(client, second["trigger_id"]) == "cancelled"
+    assert email.sent == []
+
+
+def test_cancel_after_sending_is_409_and_unknown_is_404(
+    app: FastAPI, client: httpx.Client
+) -> None:
+    body = make_decision().dispatch_body()
+    post(client, body)
+    app.state.scheduler.run_once()
+
+    late = client.post(f"/api/trigger/{body['trigger_id']}/cancel")
+
+    assert assert_error(late, 409) == "trigger is sent; only a scheduled trigger can be cancelled"
+    assert status_of(client, body["trigger_id"]) == "sent"
+    assert assert_error(client.delete("/api/trigger/nope"), 404) == "unknown trigger_id"
+
+
+def test_delivery_failure_is_status_failed_with_the_reason() -> None:
+    push = RecordingAdapter("push", error="no push token for user u0")
+    app = create_app(adapters={"push": push}, run_scheduler=False)
+    body = {**make_decision().dispatch_body(), "channel": "push"}
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        post(client, body)
+        app.state.scheduler.run_once()
+
+        assert status_of(client, body["trigger_id"]) == "failed"
+    record = app.state.store.get(body["trigger_id"])
+    assert record.error == "push: no push token for user u0"
+
+
+def test_message_and_contact_reach_the_adapter_and_contact_stays_out_of_the_log(
+    log_path: Path,
+) -> None:
+    email = RecordingAdapter()
+    app = create_app(log_path, adapters={"email": email}, run_scheduler=False)
+    body = {
+        **make_decision().dispatch_body(),
+        "message": {"subject": "Hi Ada", "body": "Your cart is waiting."},
+        "contact": {"email": "ada@example.com", "name": "Ada"},
+    }
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        post(client, body)
+        app.state.scheduler.run_once()
+
+    [(message, contact, _)] = email.sent
+    assert message == Message("Hi Ada", "Your cart is waiting.")
+    assert (contact.email, contact.name) == ("ada@example.com", "Ada")
+    [line] = log_lines(log_path)
+    assert line["message"] == {"subject": "Hi Ada", "body": "Your cart is waiting."}
+    assert "contact" not in line
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+
+def test_token_is_checked_before_the_request_is_validated() -> None:
+    app = create_app(token="s3cret", run_scheduler=False)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        bad_body = client.post("/api/trigger", content=b"{", headers={"Idempotency-Key": "x"})
+        status = client.get("/api/trigger/status/x")
+        cancel = client.post("/api/trigger/x/cancel", headers={"Authorization": "Bearer wrong"})
+
+    for response in (bad_body, status, cancel):
+        assert assert_error(response, 401) == "missing or wrong bearer token"
+    assert bad_body.headers["WWW-Authenticate"] == "Bearer"
+
+
+def signed_headers(secret: str, body: bytes, timestamp: int) -> dict[str, str]:
+    stamp = str(timestamp)
+    return {
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign(secret.encode(), stamp, body),
+    }
+
+
+def test_hmac_signature_is_required_and_checked(log_path: Path) -> None:
+    secret = "hmac-s3cret"
+    app = create_app(log_path, clock=fixed_now, hmac_secret=secret, run_scheduler=False)
+    body = make_decision().dispatch_body()
+    content = orjson.dumps(body)
+    now_s = int(NOW.timestamp())
+    key = {"Idempotency-Key": body["trigger_id"]}
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        unsigned = client.post("/api/trigger", content=content,
+                               headers={**key, "Content-Type": "application/json"})
+        tampered = client.post(
+            "/api/trigger", content=content.replace(b'"email"', b'"sms"'),
+            headers={**key, **signed_headers(secret, content, now_s)},
+        )
+        stale = client.post("/api/trigger", content=content,
+                            headers={**key, **signed_headers(secret, content, now_s - 301)})
+        wrong_secret = client.post("/api/trigger", content=content,
+                                   headers={**key, **signed_headers("other", content, now_s)})
+        good = client.post("/api/trigger", content=content,
+                           headers={**key, **signed_headers(secret, content, now_s)})
+
+    assert assert_error(unsigned, 401) == "missing X-Nudgeflow-Signature header"
+    assert assert_error(tampered, 401) == "X-Nudgeflow-Signature does not match the body"
+    assert "more than 300 s" in assert_error(stale, 401)
+    assert assert_error(wrong_secret, 401) == "X-Nudgeflow-Signature does not match the body"
+    assert good.status_code == 202, good.text
+    assert [line["trigger_id"] for line in log_lines(log_path)] == [body["trigger_id"]]
+
+
+def test_dispatcher_signs_with_hmac_and_never_logs_the_secret(
+    log_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "hmac-s3cret-never-logged"
+    decisions = [make_decision(n) for n in range(3)]
+    app = create_app(log_path, hmac_secret=secret, fail_first=2, token="tok-never-logged")
+    with caplog.at_level(logging.DEBUG), ServerThread(app) as server:
+        settings = DispatchSettings(
+            url=server.url, timeout_s=5.0, hmac_secret=SecretStr(secret),
+            token=SecretStr("tok-never-logged"),
+        )
+        results = send(settings, decisions)
+        # and a dispatcher with the wrong secret is refused, not retried
+        wrong = send(settings.model_copy(update={"hmac_secret": SecretStr("nope")}),
+                     [make_decision(9)])
+
+    assert all(result.ok for result in results)
+    assert (wrong[0].ok, wrong[0].status, wrong[0].attempts) == (False, 401, 1)
+    assert len(log_lines(log_path)) == 3
+    assert secret not in caplog.text
+    assert "tok-never-logged" not in caplog.text
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------
+
+
+def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+
+    paths = document["paths"]
+    operations = {
+        (method.upper(), path): operation
+        for path, methods in paths.items()
+        for method, operation in methods.items()
+    }
+    assert set(operations) == {
+        ("POST", "/api/trigger"),
+        ("GET", "/api/trigger/status"),
+        ("GET", "/api/trigger/status/{trigger_id}"),
+        ("POST", "/api/trigger/{trigger_id}/cancel"),
+        ("DELETE", "/api/trigger/{trigger_id}"),
+    }
+    error_ref = "#/components/schemas/ErrorBody"
+    expected_errors = {
+        ("POST", "/api/trigger"): {"400", "401", "500"},
+        ("GET", "/api/trigger/status"): {"400", "401", "404", "500"},
+        ("GET", "/api/trigger/status/{trigger_id}"): {"401", "404", "500"},
+        ("POST", "/api/trigger/{trigger_id}/cancel"): {"401", "404", "409", "500"},
+        ("DELETE", "/api/trigger/{trigger_id}"): {"401", "404", "409", "500"},
+    }
+    for key, operation in operations.items():
+        responses = operation["responses"]
+        assert "422" not in responses
+        errors = {code for code in responses if code.startswith(("4", "5"))}
+        assert errors == expected_errors[key], key
+        for code in errors:
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": error_ref}
+    assert operations["POST", "/api/trigger"]["responses"].keys() >= {"202"}
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    channel = document["components"]["schemas"]["TriggerRequest"]["properties"]["channel"]
+    assert channel["enum"] == ["email", "sms", "push"]
+
+
+def test_openapi_declares_the_bearer_scheme_when_a_token_is_set() -> None:
+    with ServerThread(create_app(token="t", run_scheduler=False)) as server:
+        document = httpx.get(f"{server.url}/openapi.json").json()
+
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert document["paths"]["/api/trigger"]["post"]["security"] == [{"HTTPBearer": []}]
+
+
+def test_build_app_refuses_a_bad_smtp_address() -> None:
+    with pytest.raises(ConfigError, match="bad --smtp 'nohost'"):
+        build_app(None, smtp="nohost")
+
+
+# -- stores: the same contract in memory and in Redis ------------------------------------------
+
+
+def record(
+    trigger_id: str, *, due_ms: int | None = NOW_MS, status: Any = "accepted"
+) -> StoredTrigger:
+    return StoredTrigger(trigger_id, status, NOW, due_ms, {"trigger_id": trigger_id, "n": 2**70})
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest) -> Iterator[TriggerStore]:
+    if request.param == "memory":
+        yield InMemoryTriggerStore()
+        return
+    client: redis.Redis = request.getfixturevalue("redis_client")
+    yield RedisTriggerStore(client, prefix="test:dispatch")
+
+
+def test_store_put_if_absent_is_idempotent(store: TriggerStore) -> None:
+    first, created = store.put_if_absent(record("a", status="scheduled"))
+    again, created_again = store.put_if_absent(record("a", status="accepted"))
+
+    assert (created, created_again) == (True, False)
+    assert again == first
+    assert (again.status, again.answer) == ("scheduled", "scheduled")
+    assert again.payload == {"trigger_id": "a", "n": 2**70}  # big ints survive
+    assert again.received_at == NOW
+    assert store.get("missing") is None
+
+
+def test_store_transition_is_compare_and_set(store: TriggerStore) -> None:
+    store.put_if_absent(record("a", status="scheduled"))
+
+    scheduled: tuple[Status, ...] = ("scheduled",)
+    cancelled, changed = store.transition("a", scheduled, "cancelled")
+    late, changed_late = store.transition("a", ("scheduled", "accepted"), "accepted")
+    unknown, changed_unknown = store.transition("b", scheduled, "cancelled")
+
+    assert changed and cancelled is not None and cancelled.status == "cancelled"
+    assert not changed_late and late is not None and late.status == "cancelled"
+    assert cancelled.answer == "scheduled"  # the first answer never changes
+    assert (unknown, changed_unknown) == (None, False)
+    failed, _ = store.transition("a", ["cancelled"], "failed", error="boom")
+    assert failed is not None and failed.error == "boom"
+
+
+def test_store_claims_due_triggers_with_a_lease(store: TriggerStore) -> None:
+    store.put_if_absent(record("early", due_ms=NOW_MS - 10))
+    store.put_if_absent(record("now", due_ms=NOW_MS))
+    store.put_if_absent(record("later", due_ms=NOW_MS + 1000))
+    store.put_if_absent(record("never", due_ms=None))
+
+    assert store.claim_due(NOW_MS, limit=10, lease_ms=5000) == ["early", "now"]
+    assert store.claim_due(NOW_MS, limit=10, lease_ms=5000) == []  # leased
+    assert store.next_due_ms() == NOW_MS + 1000
+    store.finish("early")
+    # the lease of "now" ran out without a finish: claimed again (its deliverer died)
+    assert store.claim_due(NOW_MS + 5000, limit=10, lease_ms=5000) == ["later", "now"]
+    store.discard("now")
+    store.finish("later")
+    assert store.next_due_ms() is None
+    assert store.get("now") is None
+
+
+@pytest.mark.integration
+def test_redis_claims_are_exclusive_across_instances(redis_client: redis.Redis) -> None:
+    stores = [RedisTriggerStore(redis_client, prefix="test:dispatch") for _ in range(4)]
+    for n in range(200):
+        stores[0].put_if_absent(record(f"t{n}"))
+    claimed: list[list[str]] = [[] for _ in stores]
+    barrier = threading.Barrier(len(stores))
+
+    def claim(index: int) -> None:
+        barrier.wait()
+        while batch := stores[index].claim_due(NOW_MS, limit=7, lease_ms=60_000):
+            claimed[index].extend(batch)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    every = [trigger_id for batch in claimed for trigger_id in batch]
+    assert sorted(every) == sorted(f"t{n}" for n in range(200))
+
+
+@pytest.mark.integration
+def test_redis_state_survives_an_api_restart(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    clock = MutableClock()
+    now_body = make_decision(0).dispatch_body()
+    later_body = make_decision(1, send_at_ms=NOW_MS + 600_000).dispatch_body()
+    first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+
+    first_email = RecordingAdapter()
+    first_app = create_app(first_log, store=RedisTriggerStore.from_url(redis_url), clock=clock,
+                           adapters={"email": first_email}, scheduler_interval_s=0.01)
+    with ServerThread(first_app) as server, httpx.Client(base_url=server.url) as client:
+        first_answers = [post(client, now_body).json(), post(client, later_body).json()]
+        wait_for(lambda: status_of(client, now_body["trigger_id"]) == "sent")
+
+    # A new process: new app, new store object, the same Redis.
+    second_email = RecordingAdapter()
+    second_app = create_app(second_log, store=RedisTriggerStore.from_url(redis_url), clock=clock,
+                            adapters={"email": second_email}, scheduler_interval_s=0.01)
+    with ServerThread(second_app) as server, httpx.Client(base_url=server.url) as client:
+        repeats = [post(client, now_body).json(), post(client, later_body).json()]
+        assert repeats == first_answers
+        assert status_of(client, now_body["trigger_id"]) == "sent"
+        assert status_of(client, later_body["trigger_id"]) == "scheduled"
+
+        clock.advance(timedelta(minutes=10))
+
+        wait_for(lambda: status_of(client, later_body["trigger_id"]) == "sent")
+
+    assert first_email.ids() == [now_body["trigger_id"]]
+    assert second_email.ids() == [later_body["trigger_id"]]
+    assert len(log_lines(first_log)) == 2
+    assert log_lines(second_log) == []  # repeats are not logged
+
+
+@pytest.mark.integration
+def test_build_app_with_redis_keeps_state_there_and_reads_contacts(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    redis_client.hset("profile:u0", mapping={"email": "u0@example.com", "name": "Ada"})
+    app = build_app(None, redis_url=redis_url)
+
+    assert isinstance(app.state.store, RedisTriggerStore)
+    assert app.state.scheduler._contacts.contact("u0") == Contact(
+        "u0", name="Ada", email="u0@example.com"
+    )
+
+
+def test_build_app_refuses_an_unreachable_redis() -> None:
+    with pytest.raises(ServiceError, match=r"cannot reach Redis at redis://127\.0\.0\.1:1/0"):
+        build_app(None, redis_url="redis://127.0.0.1:1/0")

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from nudgeflow.errors import DispatchError, ServiceError
 from nudgeflow.settings import DispatchSettings
+from nudgeflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signature_problem
 from nudgeflow.triggers import Decision, Trigger, make_trigger_id
 from sinks.dead_letter import KafkaDeadLetterWriter
 from sinks.dispatch import Dispatcher, DispatchResult, DispatchSink
@@ -449,3 +450,44 @@ def test_dead_letter_writer_flush_raises_when_not_delivered() -> None:
 
     with pytest.raises(ServiceError, match="broker down"):
         writer.flush(1.0)
+
+
+# -- HMAC signatures -----------------------------------------------------------------------
+
+
+def test_hmac_signature_covers_timestamp_and_exact_body(caplog: pytest.LogCaptureFixture) -> None:
+    decision = make_decision()
+    api = Api({decision.trigger.trigger_id: [httpx.Response(503), httpx.Response(401)]})
+    settings = make_settings(hmac_secret=SecretStr("hm4c-secret"))
+    stamps = iter([1_772_359_200.7, 1_772_359_205.2])
+    failures = Failures()
+
+    async def go() -> list[DispatchResult]:
+        async with Dispatcher(
+            settings,
+            transport=httpx.MockTransport(api),
+            on_failure=failures,
+            sleep=FakeSleep(),
+            rand=fixed_rand,
+            wall_clock=lambda: next(stamps),
+        ) as dispatcher:
+            return await dispatcher.send_all([decision])
+
+    with caplog.at_level(logging.DEBUG):
+        [result] = asyncio.run(go())
+
+    assert result.attempts == 2
+    first, second = api.requests
+    # signed afresh per attempt: a retry carries its own timestamp
+    assert first.headers[TIMESTAMP_HEADER] == "1772359200"
+    assert second.headers[TIMESTAMP_HEADER] == "1772359205"
+    for request in api.requests:
+        timestamp = request.headers[TIMESTAMP_HEADER]
+        assert request.headers[SIGNATURE_HEADER] == sign(b"hm4c-secret", timestamp, request.content)
+        assert signature_problem(
+            b"hm4c-secret", timestamp, request.headers[SIGNATURE_HEADER], request.content,
+            now_s=float(timestamp),
+        ) is None
+        assert "Authorization" not in request.headers
+    assert "hm4c-secret" not in caplog.text
+    assert "hm4c-secret" not in repr(settings)
