@@ -37,6 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
 from nudgeflow.errors import ConfigError, ServiceError
+from nudgeflow.messages import MessageRenderer
 from nudgeflow.observability import Health, configure_logging, serve_health
 from nudgeflow.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
 from nudgeflow.rules import RulesConfig, load_rules
@@ -156,10 +157,19 @@ def build_live_flow(
         kop.output("decisions_out", op.map("decision_message", detected.decisions,
                                            decision_message),
                    brokers=brokers, topic=kafka.decisions_topic)
-    dispatch = parts.dispatch or DispatchSink(
-        settings.dispatch,
-        failure_factory=lambda: KafkaDeadLetterWriter.from_settings(kafka),
-    )
+    if parts.dispatch is not None:
+        dispatch: Sink[Decision] = parts.dispatch
+    else:
+        # Templates are checked now: a missing variable refuses to start, not to send.
+        renderer = MessageRenderer.load(settings.templates, config)
+        dispatch = DispatchSink(
+            settings.dispatch,
+            failure_factory=lambda: KafkaDeadLetterWriter.from_settings(kafka),
+            # one profile lookup per sink partition: the Redis cache is not thread-safe
+            render_factory=lambda: renderer.for_profiles(
+                parts.profiles or _default_profiles(settings)
+            ),
+        )
     op.output("dispatch", decisions, dispatch)
     return flow
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,12 @@ def _parser() -> _Parser:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8080)
     api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
+    api.add_argument("--redis-url", help="keep idempotency, status and schedule in Redis")
+    api.add_argument("--smtp", help="HOST:PORT of the SMTP server for email")
+    api.add_argument("--sms-url", help="SMS provider URL")
+    api.add_argument("--push-url", help="push provider URL")
+    api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
+    api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
 
     _add_tool_commands(commands)
     rules = commands.add_parser("rules", help="work with rules files")
@@ -202,7 +209,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dispatch-api":
         from nudgeflow.dispatch_api import serve
 
-        serve(args.host, args.port, args.log)
+        serve(
+            args.host, args.port, args.log, redis_url=args.redis_url, smtp=args.smtp,
+            sms_url=args.sms_url, push_url=args.push_url,
+            # secrets from the environment keep them out of `ps` and shell history
+            token=args.token or os.environ.get("NUDGEFLOW_API_TOKEN"),
+            hmac_secret=args.hmac_secret or os.environ.get("NUDGEFLOW_API_HMAC_SECRET"),
+        )
         return 0
     if args.command == "rules":
         from nudgeflow.rules import load_rules

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RULES = Path(__file__).resolve().parent.parent / "config" / "rules.yaml"
+DEFAULT_TEMPLATES = DEFAULT_RULES.parent / "templates"
 
 
 class KafkaSettings(BaseModel):
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     dispatch: DispatchSettings = DispatchSettings()
     rules: Path = DEFAULT_RULES
+    templates: Path = DEFAULT_TEMPLATES
     workers: int = Field(default=1, ge=1)
     # A bytewax cluster across processes: this process's index and every process's host:port.
     process_id: int | None = Field(default=None, ge=0)

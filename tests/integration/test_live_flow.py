@@ -155,6 +155,7 @@ def test_live_flow_dispatches_exactly_the_detected_triggers(
         expected
     )
     assert len(received) == len(set(received)), "a trigger reached the API twice"
+    assert all(row["message"]["body"] for row in rows), "a trigger went out without its message"
 
     # The deadline passed (wall clock) when the watermark passed ts + 2 s timeout:
     # produced_at + timeout + lateness. The API answered within 1 s of that.
