@@ -429,6 +429,11 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
     app.state.store = trigger_store
     _install_error_handlers(app)
 
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        # Liveness for containers and orchestrators; outside the dispatch contract.
+        return {"status": "alive"}
+
     @app.post(
         _TRIGGER_PATH,
         status_code=202,
@@ -542,13 +547,17 @@ _BEARER: Final = HTTPBearer(auto_error=False, description="the API's shared toke
 _Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
+# Health checks come from the container runtime, which holds no credentials.
+_OPEN_PATHS: Final = frozenset({"/healthz"})
+
+
 def _authenticator(
     token: str | None, secret: bytes | None, clock: Clock
 ) -> Callable[..., Awaitable[None]]:
     """The dependency that checks credentials before anything else of a request."""
 
     async def check_signature(request: Request) -> None:
-        if secret is None:
+        if secret is None or request.url.path in _OPEN_PATHS:
             return
         problem = signature_problem(
             secret,
@@ -566,6 +575,8 @@ def _authenticator(
     expected = token
 
     async def check_token_and_signature(request: Request, credentials: _Bearer) -> None:
+        if request.url.path in _OPEN_PATHS:
+            return
         if credentials is None or credentials.credentials != expected:
             raise StarletteHTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}

@@ -721,3 +721,11 @@ def test_build_app_with_redis_keeps_state_there_and_reads_contacts(
 def test_build_app_refuses_an_unreachable_redis() -> None:
     with pytest.raises(ServiceError, match=r"cannot reach Redis at redis://127\.0\.0\.1:1/0"):
         build_app(None, redis_url="redis://127.0.0.1:1/0")
+
+
+def test_healthz_answers_container_health_checks_without_credentials() -> None:
+    with ServerThread(create_app(token="s3cret")) as server:
+        answer = httpx.get(f"{server.url}/healthz")
+        refused = httpx.get(f"{server.url}/api/trigger/status/x")
+    assert (answer.status_code, answer.json()) == (200, {"status": "alive"})
+    assert refused.status_code == 401
