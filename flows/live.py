@@ -14,6 +14,7 @@ so a fixed message can be replayed from the dead-letter topic as it was.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -38,6 +39,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
 from nudgeflow.errors import ConfigError, ServiceError
 from nudgeflow.messages import MessageRenderer
+from nudgeflow.metrics import metrics
 from nudgeflow.observability import Health, configure_logging, serve_health
 from nudgeflow.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
 from nudgeflow.rules import RulesConfig, load_rules
@@ -75,6 +77,7 @@ def _origin(msg: RawMessage) -> Origin:
 
 def dead_letter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes]:
     """The original bytes and key, the reason and source position as headers."""
+    metrics.record_dead_letter(letter.reason)
     origin = letter.origin
     headers = [("reason", letter.reason.encode())]
     if origin.topic is not None:
@@ -234,6 +237,10 @@ def run_live(settings: Settings, *, start_at_end: bool = False) -> None:
     rules = load_rules(settings.rules)
     check_kafka(settings.kafka.bootstrap, settings.kafka.input_topic)
     flow = build_live_flow(settings, rules=rules, start_at_end=start_at_end)
+    # Everything built so far lives as long as the process: keep the collector from
+    # scanning it again and again (+29% throughput measured, bench --levers).
+    gc.collect()
+    gc.freeze()
     health.detail = "running"
     health.ready.set()
     log.info("flow started", extra={"topic": settings.kafka.input_topic,

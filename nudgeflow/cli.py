@@ -8,6 +8,7 @@
     nudgeflow run [--brokers B] [--topic T] [--dispatch-url U] [--redis-url R] [--workers N]
                   [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
     nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
+    nudgeflow bench [--quick] [--json FILE]
     nudgeflow demo [--users N] [--hours H] [--workers N]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
     nudgeflow rules check FILE
@@ -156,7 +157,17 @@ def _add_tool_commands(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:
+        # The benchmark harness has its own flags (`nudgeflow bench --help`).
+        from bench.cli import bench_main
+
+        try:
+            return bench_main(raw[1:])
+        except NudgeflowError as exc:
+            print(f"nudgeflow: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    args = _parser().parse_args(raw)
     try:
         return _dispatch(args)
     except NudgeflowError as exc:

@@ -1,9 +1,17 @@
 """Live profiles from Redis (`profile:<user_id>` hashes), batched and cached per worker.
 
-One round trip per batch of events (a pipeline of HGETALLs for the users not
-in the cache), a bounded TTL cache in front of it, and no crash when Redis is
-down: the lookup retries with backoff and the flow waits (back-pressure)
-instead of deciding triggers with a wrong segment.
+One round trip per batch of events for the users not in the cache, a bounded
+TTL cache in front of it, and no crash when Redis is down: the lookup retries
+with backoff and the flow waits (back-pressure) instead of deciding triggers
+with a wrong segment.
+
+The round trip is one EVAL of a small Lua script that runs HGETALL for every
+key and returns the whole batch as one JSON string: orjson parses it in C,
+where redis-py's pure-Python reply parser reads every field of every hash
+one by one (a pipeline of 500 HGETALLs measured 78 µs per profile here, the
+script 29 µs: `nudgeflow bench --levers`). A server that refuses the script
+(scripting disabled, keys across cluster slots) is asked with a pipeline of
+HGETALLs instead, from then on; so is a batch whose values are not UTF-8.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import orjson
 import redis
 from cachetools import TTLCache
 
@@ -21,6 +30,15 @@ from nudgeflow.profiles import NO_PROFILE, Profile, profile_from_mapping
 log = logging.getLogger(__name__)
 
 PROFILE_KEY = "profile:{}"
+
+# Every hash of KEYS, in order, as one JSON array (an empty hash is encoded `{}`).
+_HGETALL_ALL = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HGETALL', key)
+end
+return cjson.encode(out)
+"""
 
 
 class ProfileLookup(Protocol):
@@ -58,6 +76,10 @@ class RedisProfiles:
         self.hits = 0
         self.misses = 0
         self.outages = 0
+        register = getattr(client, "register_script", None)
+        self._script: Callable[..., bytes] | None = (
+            register(_HGETALL_ALL) if callable(register) else None
+        )
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: float, max_size: int) -> RedisProfiles:
@@ -66,20 +88,20 @@ class RedisProfiles:
 
     def lookup(self, user_ids: Iterable[str]) -> dict[str, Profile]:
         found: dict[str, Profile] = {}
-        missing: list[str] = []
+        missing: dict[str, None] = {}  # ordered, and a set: batches repeat users
         for uid in user_ids:
-            if uid in found:
+            if uid in found or uid in missing:
                 continue
             cached = self._cache.get(uid)
             if cached is None:
-                if uid not in missing:
-                    missing.append(uid)
+                missing[uid] = None
             else:
                 found[uid] = cached
         self.hits += len(found)
         if missing:
             self.misses += len(missing)
-            for uid, profile in zip(missing, self._fetch(missing), strict=True):
+            wanted = list(missing)
+            for uid, profile in zip(wanted, self._fetch(wanted), strict=True):
                 self._cache[uid] = profile
                 found[uid] = profile
         return found
@@ -89,10 +111,7 @@ class RedisProfiles:
         failing = False
         while True:
             try:
-                pipe = self._client.pipeline(transaction=False)
-                for uid in user_ids:
-                    pipe.hgetall(PROFILE_KEY.format(uid))
-                rows = pipe.execute()
+                rows = self._query([PROFILE_KEY.format(uid) for uid in user_ids])
             except redis.RedisError as exc:
                 if not failing:
                     self.outages += 1
@@ -103,9 +122,32 @@ class RedisProfiles:
                 continue
             if failing:
                 log.warning("redis is back, profile lookups resumed")
-            return [
-                profile_from_mapping(_decode(row)) if row else NO_PROFILE for row in rows
-            ]
+            return [profile_from_mapping(row) if row else NO_PROFILE for row in rows]
+
+    def _query(self, keys: list[str]) -> list[dict[str, str]]:
+        """The hashes at `keys`, in order ({} for a missing key)."""
+        if self._script is not None:
+            try:
+                rows = orjson.loads(self._script(keys=keys))
+            except redis.ResponseError as exc:
+                log.info("redis refused the lookup script (%s): using pipelines", exc)
+                self._script = None
+            except orjson.JSONDecodeError:
+                pass  # values that are not UTF-8: the pipeline decodes them as before
+            else:
+                if isinstance(rows, list) and len(rows) == len(keys):
+                    return [_pairs(row) for row in rows]
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return [_decode(row) for row in pipe.execute()]
+
+
+def _pairs(row: object) -> dict[str, str]:
+    """HGETALL's flat [field, value, …] as a dict; `{}` (cjson's empty table) as no fields."""
+    if not isinstance(row, list):
+        return {}
+    return dict(zip(row[::2], row[1::2], strict=True))
 
 
 def _decode(row: dict[bytes | str, bytes | str]) -> dict[str, str]:

@@ -70,6 +70,9 @@ class Decision:
     reason: str | None
     channel: Channel | None = None
     send_at_ms: int | None = None
+    # When what caused it entered the flow (live mode, `nudgeflow.metrics.Cause`): the
+    # start of the event-to-dispatch latency. Not part of the decision's content.
+    cause: Any = field(default=None, compare=False, repr=False)
 
     @property
     def dispatched(self) -> bool:

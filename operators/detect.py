@@ -24,6 +24,7 @@ from bytewax.dataflow import Stream
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from nudgeflow.envelope import DeadLetter, Envelope
+from nudgeflow.metrics import Cause, metrics
 from nudgeflow.timeutil import ms_to_datetime
 from nudgeflow.triggers import Decision
 from operators.detector import Detector, UserState
@@ -91,6 +92,10 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             if user is None:
                 user = self.user = detector.new_user(envelope.event.user_id)
             verdict, decisions = detector.process(user, envelope.event, envelope.profile, now)
+            if now is not None:  # live: count, and carry each decision's cause for latency
+                metrics.record_event_outcome(verdict.value)
+                decisions = metrics.traced(decisions, Cause.of_event(
+                    envelope.arrived_ms, envelope.origin.timestamp_ms))
             if verdict is Admit.APPLY:
                 self.counts[0] += 1
                 self.last_arrival = now
@@ -117,8 +122,13 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         now = clock.now_ms()
         # As if an event had arrived with ts = previous max ts + wall time since the last one.
         virtual = max_ts + (now - self.last_arrival)
+        delayed = set(user.pending_sends)
+        decisions = metrics.traced_timers(
+            self.detector.advance(user, virtual, now),
+            lateness_ms=self.detector.lateness, last_arrival_ms=self.last_arrival,
+            max_ts_ms=max_ts, delayed=delayed,
+        )
         self.last_arrival = now
-        decisions = self.detector.advance(user, virtual, now)
         return [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)], self._discard()
 
     def on_eof(self) -> tuple[Iterable[Output], bool]:

@@ -60,8 +60,10 @@ import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from nudgeflow.errors import DispatchError
+from nudgeflow.metrics import metrics
 from nudgeflow.settings import DispatchSettings
 from nudgeflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from nudgeflow.timeutil import now_ms
 from nudgeflow.triggers import Decision
 from sinks.circuit import CircuitBreaker, CircuitState
 
@@ -494,6 +496,10 @@ class _DispatchPartition(StatelessSinkPartition[Decision]):
         if not batch:
             return
         results = self._loop.run_until_complete(self._dispatcher.send_all(batch))
+        answered = now_ms()
+        for decision, result in zip(batch, results, strict=True):
+            metrics.record_dispatch(decision, decision.cause, ok=result.ok,
+                                    attempts=result.attempts, answered_ms=answered)
         # Dead letters must be durable before bytewax counts this batch as written.
         if not all(result.ok for result in results):
             self._flush_failures()
