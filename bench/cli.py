@@ -13,46 +13,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
 
 import orjson
 
+from nudgeflow.argtypes import EXIT_USAGE, OneLineParser, positive_float, positive_int
 from nudgeflow.errors import NudgeflowError
-
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"nudgeflow bench: error: {message}\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        msg = f"expected a whole number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if value < 1:
-        msg = f"must be at least 1, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"expected seconds, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not value > 0:
-        msg = f"must be above 0, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nudgeflow bench", description=(
+    p = OneLineParser(prog="nudgeflow bench", description=(
         "Throughput against a plain-consumer ceiling, event-to-dispatch latency, timer lag "
         "and state per user, on the real Kafka and Redis of scripts/services.sh."
     ))
@@ -64,14 +33,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL); the bench uses "
                                        "database --redis-db of that server")
     p.add_argument("--redis-db", type=int, help="Redis database for the profiles (default 15)")
-    p.add_argument("--users", type=_positive, help="shoppers in the generated stream")
-    p.add_argument("--runs", type=_positive, help="runs per measure (default 3)")
-    p.add_argument("--max-events", type=_positive, help="events per throughput run")
-    p.add_argument("--latency-seconds", type=_seconds, help="seconds per paced segment")
-    p.add_argument("--memory-users", type=_positive, help="users of the memory measure")
-    p.add_argument("--memory-clones", type=_positive,
+    p.add_argument("--users", type=positive_int, help="shoppers in the generated stream")
+    p.add_argument("--runs", type=positive_int, help="runs per measure (default 3)")
+    p.add_argument("--max-events", type=positive_int, help="events per throughput run")
+    p.add_argument("--latency-seconds", type=positive_float, help="seconds per paced segment")
+    p.add_argument("--memory-users", type=positive_int, help="users of the memory measure")
+    p.add_argument("--memory-clones", type=positive_int,
                    help="copy the memory measure's states to this many times the users")
-    p.add_argument("--memory-runs", type=_positive, help="runs of the memory measure")
+    p.add_argument("--memory-runs", type=positive_int, help="runs of the memory measure")
     p.add_argument("--levers", action="store_true",
                    help="instead: measure the levers of issue 4 (bench/levers.py)")
     return p

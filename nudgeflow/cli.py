@@ -21,42 +21,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from nudgeflow.argtypes import EXIT_USAGE, OneLineParser, positive_float, positive_int
 from nudgeflow.errors import NudgeflowError, UsageError
-
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line, not a usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"nudgeflow: error: {message} (see '{self.prog} --help')\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        msg = f"expected a whole number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if value < 1:
-        msg = f"must be at least 1, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"expected a number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if value <= 0:
-        msg = f"must be above 0, got {value:g}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def _timestamp(text: str) -> int:
@@ -68,9 +36,9 @@ def _timestamp(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _parser() -> _Parser:
-    parser = _Parser(prog="nudgeflow", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="nudgeflow", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     replay = commands.add_parser("replay", help="run a recorded event file through the flow")
     replay.add_argument("events", type=Path, help="events JSONL (or a recording), arrival order")
@@ -78,13 +46,13 @@ def _parser() -> _Parser:
     replay.add_argument("--to-topic", help="produce the file to this Kafka topic instead")
     replay.add_argument("--brokers", help="with --to-topic [NUDGEFLOW_KAFKA__BOOTSTRAP]")
     pace = replay.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=_positive_float, default=1.0,
+    pace.add_argument("--speed", type=positive_float, default=1.0,
                       help="with --to-topic: X times faster than recorded (default 1)")
     pace.add_argument("--as-fast-as-possible", action="store_true",
                       help="with --to-topic: no pauses between messages")
     replay.add_argument("--profiles", type=Path, help="profiles JSONL (user_id + fields)")
     replay.add_argument("--rules", type=Path, help="rules file (default: config/rules.yaml)")
-    replay.add_argument("--workers", type=_positive, default=1, help="bytewax workers")
+    replay.add_argument("--workers", type=positive_int, default=1, help="bytewax workers")
     replay.add_argument(
         "--dead-letter", type=Path, help="dead-letter JSONL (default: next to --out)"
     )
@@ -99,24 +67,24 @@ def _parser() -> _Parser:
         "--redis-url", help="profiles Redis URL, 'none' to skip [NUDGEFLOW_REDIS__URL]"
     )
     run.add_argument("--rules", type=Path, help="rules file [NUDGEFLOW_RULES]")
-    run.add_argument("--workers", type=_positive, help="workers per process [NUDGEFLOW_WORKERS]")
+    run.add_argument("--workers", type=positive_int, help="workers per process [NUDGEFLOW_WORKERS]")
     run.add_argument(
         "--start-at", choices=("beginning", "end"), default="beginning",
         help="where to start reading the input topic (without recovery state)",
     )
-    run.add_argument("--processes", type=_positive, default=1,
+    run.add_argument("--processes", type=positive_int, default=1,
                      help="start this many local processes as one cluster")
     run.add_argument("--process-id", type=int, help="this process's index in a cluster")
     run.add_argument("--addresses", help="host:port of every process, comma-separated")
     run.add_argument("--recovery-dir", type=Path,
                      help="snapshot state here; created when absent [NUDGEFLOW_RECOVERY_DIR]")
-    run.add_argument("--snapshot-interval", type=_positive_float,
+    run.add_argument("--snapshot-interval", type=positive_float,
                      help="seconds between snapshots [NUDGEFLOW_SNAPSHOT_INTERVAL_S]")
 
     demo = commands.add_parser("demo", help="the embedded default: a sample shop, no services")
-    demo.add_argument("--users", type=_positive, default=3000)
+    demo.add_argument("--users", type=positive_int, default=3000)
     demo.add_argument("--hours", type=float, default=4.0)
-    demo.add_argument("--workers", type=_positive, default=1)
+    demo.add_argument("--workers", type=positive_int, default=1)
     demo.add_argument("--out-dir", type=Path, help="keep the sample and outputs here")
 
     api = commands.add_parser("dispatch-api", help="the reference dispatch API")
@@ -132,7 +100,9 @@ def _parser() -> _Parser:
 
     _add_tool_commands(commands)
     rules = commands.add_parser("rules", help="work with rules files")
-    rules_commands = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
+    rules_commands = rules.add_subparsers(
+        dest="rules_command", required=True, parser_class=OneLineParser
+    )
     check = rules_commands.add_parser("check", help="validate a rules file")
     check.add_argument("file", type=Path)
     return parser
