@@ -19,6 +19,8 @@ port of ours instead (the entry point reads `NUDGEFLOW_METRICS_PORT`).
     nudgeflow_dispatch_retries_total                      rule       (attempts after the first)
     nudgeflow_event_to_dispatch_seconds                   rule, since: kafka_ts|source_read
     nudgeflow_timer_lag_seconds                           rule
+    nudgeflow_profile_lookups_total                       result: hit|miss (cache hit rate)
+    nudgeflow_redis_outages_total
 
 Latency is measured to the dispatch API's answer. A decision caused by an
 event carries a `Cause` with the event's Kafka timestamp and the wall time the
@@ -152,6 +154,14 @@ class Metrics:
             "nudgeflow_timer_lag_seconds",
             "Timer-fired triggers: from the wall moment the deadline passed to the API's answer",
             ["rule"], buckets=LATENCY_BUCKETS_S, registry=registry,
+        )
+        self.profile_lookups = Counter(
+            "nudgeflow_profile_lookups", "Profile lookups by the per-worker cache's answer",
+            ["result"], registry=registry,
+        )
+        self.redis_outages = Counter(
+            "nudgeflow_redis_outages", "Times profile lookups found Redis down and waited",
+            registry=registry,
         )
         self._outcomes = {name: self.events.labels(name) for name in EVENT_OUTCOMES}
 

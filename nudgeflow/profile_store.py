@@ -25,6 +25,7 @@ import orjson
 import redis
 from cachetools import TTLCache
 
+from nudgeflow.metrics import metrics
 from nudgeflow.profiles import NO_PROFILE, Profile, profile_from_mapping
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ class RedisProfiles:
             else:
                 found[uid] = cached
         self.hits += len(found)
+        metrics.profile_lookups.labels("hit").inc(len(found))
         if missing:
             self.misses += len(missing)
+            metrics.profile_lookups.labels("miss").inc(len(missing))
             wanted = list(missing)
             for uid, profile in zip(wanted, self._fetch(wanted), strict=True):
                 self._cache[uid] = profile
@@ -115,6 +118,7 @@ class RedisProfiles:
             except redis.RedisError as exc:
                 if not failing:
                     self.outages += 1
+                    metrics.redis_outages.inc()
                     log.warning("redis unavailable, profile lookups wait and retry: %s", exc)
                     failing = True
                 self._sleep(delay)
