@@ -58,6 +58,8 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO: thousands of lines a second under load.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class Health:

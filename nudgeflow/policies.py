@@ -127,8 +127,15 @@ class Policies:
         profile: Profile,
         state: PolicyState,
         assignment: Assignment | None,
+        *,
+        event_clock: int | None = None,
     ) -> Plan:
-        """Decide a freshly detected trigger; a delayed send is only `dispatched` provisionally."""
+        """Decide a freshly detected trigger; a delayed send is only `dispatched` provisionally.
+
+        A delay runs in event time, like every timer: the send is held while
+        `fired_at + delay` is ahead of `event_clock` (the user's latest event
+        time; `detected_at` when not given).
+        """
         fired_at = trigger.fired_at_ms
         if trigger.trigger_id in state.recent_ids:
             return Plan(Decision(trigger, "suppressed", "duplicate"), delayed=False)
@@ -146,8 +153,13 @@ class Policies:
             return Plan(Decision(trigger, "suppressed", "no_channel"), delayed=False)
 
         delay = variant.delay if variant and variant.delay is not None else rule.delay
+        due = fired_at + delay
+        now = trigger.detected_at_ms if event_clock is None else event_clock
+        # Held only while its send time is ahead of the user's clock: a delay that
+        # has already run out by the time the trigger is detected sends at once.
+        delayed = due > now
         send_at = self._after_quiet_hours(
-            max(trigger.detected_at_ms, fired_at + delay), channel, profile
+            due if delayed else trigger.detected_at_ms, channel, profile
         )
         if assignment is not None and assignment.holdout:
             return Plan(Decision(trigger, "suppressed", "holdout"), delayed=False)
@@ -157,9 +169,7 @@ class Policies:
         state.dispatched.append(fired_at)
         state.dispatched.sort()
         decision = Decision(trigger, "dispatched", None, channel=channel, send_at_ms=send_at)
-        # Held only while its send time is ahead of the detector's clock: a delay that
-        # has already run out by the time the trigger is detected sends at once.
-        return Plan(decision, delayed=fired_at + delay > trigger.detected_at_ms)
+        return Plan(decision, delayed=delayed)
 
     def release(self, state: PolicyState, fired_at: int) -> None:
         """A delayed send was cancelled: it no longer counts against the cap."""

@@ -85,14 +85,25 @@ class UserState:
 class Step:
     """What rules may see and do while the detector handles one input of one user."""
 
-    __slots__ = ("clock", "detector", "out", "trace", "user")
+    __slots__ = ("clock", "detector", "event_clock", "out", "trace", "user")
 
     def __init__(
-        self, detector: Detector, user: UserState, clock: int, trace: Trace | None = None
+        self,
+        detector: Detector,
+        user: UserState,
+        clock: int,
+        trace: Trace | None = None,
+        event_clock: int | None = None,
     ) -> None:
         self.detector = detector
         self.user = user
         self.clock = clock  # detected_at of whatever fires during this step
+        # The user's event time now, what delays are measured against like every timer:
+        # their latest ts, or the end of the input when a replay finishes.
+        max_ts = user.admission.max_ts
+        if event_clock is None:
+            event_clock = clock if max_ts is None else max_ts
+        self.event_clock = event_clock
         self.out: list[Decision] = []
         self.trace = trace
 
@@ -252,7 +263,7 @@ class Detector:
     def finish(self, user: UserState, end: int, trace: Trace | None = None) -> list[Decision]:
         """Replay's end: decide every timer with deadline <= `end` (the input's largest ts)."""
         self._prune(user)
-        step = Step(self, user, end, trace)
+        step = Step(self, user, end, trace, event_clock=end)
         self._decide(step, end, inclusive=True)
         # What is still pending has not happened within the recording; a delayed send
         # already decided stays dispatched at its send time.
@@ -415,7 +426,9 @@ class Detector:
             segment=profile.segment,
             metadata=metadata,
         )
-        plan = self.policies.plan(trigger, rule, profile, user.policy, assignment)
+        plan = self.policies.plan(
+            trigger, rule, profile, user.policy, assignment, event_clock=step.event_clock
+        )
         if step.trace is not None:
             outcome = plan.decision
             verdict = (f"dispatched via {outcome.channel}" if outcome.dispatched
