@@ -47,7 +47,7 @@ class FlowJob:
     workers_per_process: int = 1
     batch_size: int = 500
     fetch_queue_backoff_ms: int = 10
-    gc_freeze: bool = False
+    gc_freeze: bool = True  # as `run_live` does once the flow is built
     max_events: int | None = None  # drain: stop after about this many (split over partitions)
     max_in_flight: int | None = None
     dispatch_timeout_s: float | None = None
@@ -55,7 +55,6 @@ class FlowJob:
     null_dispatch: bool = False  # decisions go nowhere instead of the dispatch API
     null_kafka_sinks: bool = False  # no decisions / dead-letter topics
     profiles_file: str | None = None  # profiles from this JSONL file instead of Redis
-    sniffio: bool = False  # make `import sniffio` succeed (httpcore retries it per request)
     background_dispatch: bool = False  # bench.proto.BackgroundDispatchSink
     pipeline_profiles: bool = False  # Redis lookups as a pipeline of HGETALLs (no script)
     kafka_sinks: str = "default"  # or "linger0" / "noflush": bench.proto.TunedKafkaSink
@@ -211,22 +210,11 @@ def _NullSink() -> Any:  # noqa: N802 - reads as the class it builds
     return _null_sink_class()()
 
 
-def _install_sniffio_stub() -> None:
-    """What installing `sniffio` does for httpcore: its per-request import succeeds."""
-    import types
-
-    module = types.ModuleType("sniffio")
-    module.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
-    sys.modules.setdefault("sniffio", module)
-
-
 def main(argv: list[str]) -> int:
     from bytewax.run import cli_main
 
     job = FlowJob.load(Path(argv[0]))
     process_id = int(argv[1]) if len(argv) > 1 else 0
-    if job.sniffio:
-        _install_sniffio_stub()
     if job.pipeline_profiles:
         import redis
 

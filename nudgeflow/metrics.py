@@ -1,12 +1,13 @@
 """Prometheus metrics of the live flow: latency where users feel it, and what became of everything.
 
-Every series lives in prometheus-client's default registry, the one bytewax
-serves: run with `BYTEWAX_DATAFLOW_API_ENABLED=true` and bytewax's own
-`/metrics` (port 3030, or `BYTEWAX_DATAFLOW_API_PORT`) shows them next to
-bytewax's per-step metrics and its Kafka consumer lag gauge
-(`bytewax_kafka_consumer_lag{step_id, topic, partition}`, from librdkafka's
-statistics every second). `serve_metrics(port)` serves the same registry on a
-port of ours instead (the entry point reads `NUDGEFLOW_METRICS_PORT`).
+Every series lives in prometheus-client's default registry, which is served
+three ways: `nudgeflow run`'s health server (`/metrics` on
+`NUDGEFLOW_HEALTH_PORT` + process id, `nudgeflow.observability`); bytewax's
+own API (`BYTEWAX_DATAFLOW_API_ENABLED=true`, `/metrics` on port 3030 or
+`BYTEWAX_DATAFLOW_API_PORT`), next to bytewax's per-step metrics; and
+`serve_metrics(port)` for any other process. The Kafka consumer lag is
+bytewax's gauge in the same registry (`bytewax_kafka_consumer_lag{step_id,
+topic, partition}`, from librdkafka's statistics every second).
 
     series                                                labels
     nudgeflow_events_total                                outcome: applied|duplicate|late
@@ -271,8 +272,9 @@ _served_lock = threading.Lock()
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     """Serve the default registry on `port` (`/metrics`) from a daemon thread; once per port.
 
-    Not needed when bytewax's API is on (`BYTEWAX_DATAFLOW_API_ENABLED`): it serves
-    the same registry. Port 0 is refused: the scraper must know where to look.
+    Not needed under `nudgeflow run` (its health server serves `/metrics`) or with
+    bytewax's API on (`BYTEWAX_DATAFLOW_API_ENABLED`): both serve the same registry.
+    Port 0 is refused: the scraper must know where to look.
     """
     if not 0 < port < 65536:
         msg = f"metrics port must be within 1..65535, got {port}"

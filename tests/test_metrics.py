@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import operator
 import urllib.request
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -151,21 +149,11 @@ def test_serve_metrics_refuses_a_port_out_of_range(port: int) -> None:
         metrics_module.serve_metrics(port)
 
 
-@dataclass(frozen=True, slots=True)
-class CausedDecision(Decision):
-    """`Decision` with the `cause` field the wiring adds to nudgeflow.triggers.Decision."""
-
-    cause: Cause | None = None
-
-
-cause_of = operator.attrgetter("cause")
-
-
 def caused(rule: str = "product_interest", fired_at_ms: int = 1_000,
-           send_at_ms: int | None = None, trigger_id: str = "t-1") -> CausedDecision:
+           send_at_ms: int | None = None, trigger_id: str = "t-1") -> Decision:
     trigger = Trigger(trigger_id=trigger_id, trigger_type=rule, user_id="u1",
                       fired_at_ms=fired_at_ms, detected_at_ms=fired_at_ms, segment="new")
-    return CausedDecision(trigger, "dispatched", None, channel="email", send_at_ms=send_at_ms)
+    return Decision(trigger, "dispatched", None, channel="email", send_at_ms=send_at_ms)
 
 
 def test_traced_counts_the_decisions_and_attaches_the_event_cause(
@@ -173,7 +161,7 @@ def test_traced_counts_the_decisions_and_attaches_the_event_cause(
 ) -> None:
     cause = Cause.of_event(arrived_ms=5, kafka_ts_ms=4)
     out = m.traced([caused(), caused(trigger_id="t-2")], cause)
-    assert [cause_of(d) for d in out] == [cause, cause]
+    assert [d.cause for d in out] == [cause, cause]
     assert value(registry, "nudgeflow_triggers_detected_total", rule="product_interest") == 2
 
 
@@ -190,4 +178,4 @@ def test_traced_timers_measure_a_delayed_send_from_its_send_time(m: Metrics) -> 
     delayed = caused("cart_abandonment", fired_at_ms=0, send_at_ms=2_000, trigger_id="late")
     out = m.traced_timers([timer, delayed], lateness_ms=500, last_arrival_ms=10_000,
                           max_ts_ms=1_000, delayed={"late"})
-    assert [cause_of(d) for d in out] == [Cause.of_timer(11_501)] * 2
+    assert [d.cause for d in out] == [Cause.of_timer(11_501)] * 2
