@@ -30,7 +30,6 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import Sink
 
 from nudgeflow.envelope import DeadLetter, Envelope, Origin, open_envelope
-from nudgeflow.events import Event
 from nudgeflow.profiles import NO_PROFILE, Profile, load_profiles
 from nudgeflow.recording import iter_input_lines
 from nudgeflow.rules import RulesConfig, load_rules
@@ -175,16 +174,10 @@ def build_replay_flow(
         decisions = op.map("decision", detected.decisions, lambda kv: kv[1].decision)
         op.output("dispatch", decisions, dispatch)
     tallies = op.map("tally_counts", detected.tallies, _tally_counts)
-    op.output("tally", tallies, TallySink(_tally_path(out_path)))
+    op.output("tally", tallies, TallySink(tally_path(out_path)))
     return flow
 
 
-def _tally_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.counts.json")
-
-
 def tally_path(out: Path) -> Path:
-    return _tally_path(out)
-
-
-__all__ = ["Event", "build_replay_flow", "default_dead_letter", "input_end", "tally_path"]
+    """Where the replay leaves its counts for the summary (removed once read)."""
+    return out.with_name(f".{out.name}.counts.json")

@@ -65,6 +65,7 @@ def explain_user(
     fired: dict[str, list[str]] = {}
     counts = {"applied": 0, "duplicate": 0, "late": 0, "invalid": 0}
     body: list[str] = []
+    last_notes: dict[str, str] = {}  # latest note per rule: the verdict of one that never fired
     for number, raw in iter_input_lines(events):
         opened = open_envelope(raw, Origin(line=number))
         if isinstance(opened, DeadLetter):
@@ -85,12 +86,12 @@ def explain_user(
             body.append(f"{head}  -> {verdict.value}: {why}, not applied")
             continue
         body.append(head)
-        body.extend(_story(trace))
+        body.extend(_story(trace, last_notes))
         _tally(fired, decisions)
 
     end = input_end(events)
     if end is not None:
-        body.extend(_end_of_input(detector, state, end, fired))
+        body.extend(_end_of_input(detector, state, end, fired, last_notes))
 
     yield (f"events: {counts['applied']} applied, {counts['duplicate']} duplicate, "
            f"{counts['late']} late, {counts['invalid']} invalid")
@@ -98,7 +99,6 @@ def explain_user(
     yield from body
     yield ""
     yield "per rule:"
-    last_notes = _last_note_per_rule(body)
     for logic in detector.logics:
         outcomes = fired.get(logic.name)
         if outcomes:
@@ -116,29 +116,29 @@ def _tally(fired: dict[str, list[str]], decisions: list[Decision]) -> None:
 
 
 def _end_of_input(
-    detector: Detector, state: UserState, end: int, fired: dict[str, list[str]]
+    detector: Detector,
+    state: UserState,
+    end: int,
+    fired: dict[str, list[str]],
+    last_notes: dict[str, str],
 ) -> list[str]:
     trace: Trace = []
     decisions = detector.finish(state, end, trace=trace)
     _tally(fired, decisions)
-    lines = [f"end of the input ({format_ms(end)}): timers due by then are decided"]
-    lines.extend(_story(trace))
     for timer in state.timers.pending():
         name = timer.rule if not timer.rule.startswith("~") else "session close"
-        lines.append(f"    {name}: deadline {format_ms(timer.deadline)} is after the end "
-                     "of the input: not decided")
+        message = f"deadline {format_ms(timer.deadline)} is after the end of the input: not decided"
+        trace.append((timer.deadline, name, message))
+    lines = [f"end of the input ({format_ms(end)}): timers due by then are decided"]
+    lines.extend(_story(trace, last_notes))
     return lines
 
 
-def _story(trace: Trace) -> list[str]:
-    return [f"    {rule or 'policy'}: {message}" for _, rule, message in trace]
-
-
-def _last_note_per_rule(body: list[str]) -> dict[str, str]:
-    notes: dict[str, str] = {}
-    for line in body:
-        stripped = line.strip()
-        if line.startswith("    ") and ": " in stripped:
-            rule, message = stripped.split(": ", 1)
-            notes[rule] = message
-    return notes
+def _story(trace: Trace, last_notes: dict[str, str]) -> list[str]:
+    """The trace as indented lines; remembers each rule's latest note for the verdicts."""
+    lines = []
+    for _, rule, message in trace:
+        name = rule or "policy"
+        last_notes[name] = message
+        lines.append(f"    {name}: {message}")
+    return lines

@@ -19,7 +19,6 @@ cancelled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -444,5 +443,3 @@ class Detector:
             listener.on_trigger(step, trigger)
         return True
 
-
-NowFn = Callable[[], int]
