@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,3 +72,32 @@ def wait_for_ids(path: Path, wanted: set[str], timeout_s: float) -> list[str]:
         if wanted <= set(ids) or time.monotonic() > deadline:
             return ids
         time.sleep(0.2)
+
+
+def start_flow(
+    bootstrap: str,
+    topic: str,
+    api_url: str,
+    redis_url: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdout: int | None = None,
+    stderr: int | None = subprocess.PIPE,
+) -> subprocess.Popen[bytes]:
+    """`nudgeflow run` as a user starts it, writing to the test's own side topics.
+
+    The dead-letter and decision topics default to `<topic>.dlq` and
+    `<topic>.decisions`; `args` and `env` add to or override what is here.
+    """
+    settings = {
+        **os.environ,
+        "NUDGEFLOW_DISPATCH__TIMEOUT_S": "2.0",
+        "NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC": f"{topic}.dlq",
+        "NUDGEFLOW_KAFKA__DECISIONS_TOPIC": f"{topic}.decisions",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "nudgeflow.cli", "run", "--brokers", bootstrap, "--topic", topic,
+         "--dispatch-url", api_url, "--redis-url", redis_url, *args],
+        env=settings, stdout=stdout, stderr=stderr,
+    )

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory
-from live_helpers import expected_dispatched, load_sample_profiles, wait_for_ids
+from live_helpers import expected_dispatched, load_sample_profiles, start_flow, wait_for_ids
 
 from nudgeflow.rules import load_rules
 from nudgeflow.samples import SampleSpec, generate_lines
@@ -41,15 +38,7 @@ def test_two_processes_on_six_partitions_dispatch_what_one_worker_decides(
         producer.produce(topic, value=line.data, key=line.user_id.encode())
     assert producer.flush(30) == 0
 
-    cluster = subprocess.Popen(
-        [sys.executable, "-m", "nudgeflow.cli", "run", "--processes", "2",
-         "--brokers", kafka_bootstrap, "--topic", topic, "--dispatch-url", api_url,
-         "--redis-url", redis_url],
-        env={**os.environ, "NUDGEFLOW_DISPATCH__TIMEOUT_S": "2.0",
-             "NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC": f"{topic}.dlq",
-             "NUDGEFLOW_KAFKA__DECISIONS_TOPIC": f"{topic}.decisions"},
-        stderr=subprocess.PIPE,
-    )
+    cluster = start_flow(kafka_bootstrap, topic, api_url, redis_url, "--processes", "2")
     try:
         received = wait_for_ids(api_log, expected, timeout_s=120)
     finally:

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,13 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory
-from live_helpers import expected_dispatched, load_sample_profiles, read_api_log, wait_for_ids
+from live_helpers import (
+    expected_dispatched,
+    load_sample_profiles,
+    read_api_log,
+    start_flow,
+    wait_for_ids,
+)
 
 from nudgeflow.rules import load_rules
 from nudgeflow.samples import SampleSpec, generate_lines
@@ -58,14 +63,10 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         assert producer.flush(30) == 0
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "nudgeflow.cli", "run", "--brokers", kafka_bootstrap,
-             "--topic", topic, "--dispatch-url", api_url, "--redis-url", redis_url,
-             "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "0.5"],
-            env={**os.environ, "NUDGEFLOW_DISPATCH__TIMEOUT_S": "2.0",
-                 "NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC": f"{topic}.dlq",
-                 "NUDGEFLOW_KAFKA__DECISIONS_TOPIC": f"{topic}.decisions"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        return start_flow(
+            kafka_bootstrap, topic, api_url, redis_url,
+            "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "0.5",
+            stdout=subprocess.DEVNULL,
         )
 
     default_seed = str(random.SystemRandom().randrange(1 << 30))

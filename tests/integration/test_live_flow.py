@@ -9,9 +9,7 @@ messages reached the dead-letter topic with their reasons.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
-from live_helpers import expected_dispatched, read_api_log, wait_for_ids
+from live_helpers import expected_dispatched, read_api_log, start_flow, wait_for_ids
 
 from nudgeflow.profiles import Profile
 from nudgeflow.rules import RulesConfig, parse_rules
@@ -113,17 +111,11 @@ def test_live_flow_dispatches_exactly_the_detected_triggers(
     messages = [(orjson.loads(raw)["user_id"].encode(), raw) for raw in history]
     messages += [(b"hist-0", b) for b in bad]
 
-    env = {
-        **os.environ,
-        "NUDGEFLOW_KAFKA__DECISIONS_TOPIC": decisions_topic,
-        "NUDGEFLOW_DISPATCH__TIMEOUT_S": "2.0",
-    }
-    flow = subprocess.Popen(
-        [sys.executable, "-m", "nudgeflow.cli", "run", "--brokers", kafka_bootstrap,
-         "--topic", events_topic, "--dead-letter-topic", dlq_topic,
-         "--dispatch-url", api_url, "--redis-url", redis_url, "--rules", str(rules_file),
-         "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    flow = start_flow(
+        kafka_bootstrap, events_topic, api_url, redis_url,
+        "--dead-letter-topic", dlq_topic, "--rules", str(rules_file), "--workers", "2",
+        env={"NUDGEFLOW_KAFKA__DECISIONS_TOPIC": decisions_topic},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})

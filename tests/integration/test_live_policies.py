@@ -7,9 +7,6 @@ exactly the expected sends, and `triggers.decisions` every decision's reason.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
-from live_helpers import read_api_log
+from live_helpers import read_api_log, start_flow
 
 from nudgeflow.policies import Policies
 from nudgeflow.rules import parse_rules
@@ -142,15 +139,10 @@ def test_caps_quiet_hours_delay_cancel_holdout_and_duplicates_on_the_live_path(
         producer.produce(events, value=raw, key=orjson.loads(raw)["user_id"].encode())
     assert producer.flush(30) == 0
 
-    flow = subprocess.Popen(
-        [sys.executable, "-m", "nudgeflow.cli", "run", "--brokers", kafka_bootstrap,
-         "--topic", events, "--dispatch-url", api_url, "--redis-url", redis_url,
-         "--rules", str(rules_file)],
-        env={**os.environ, "NUDGEFLOW_KAFKA__DECISIONS_TOPIC": decisions_topic,
-             "NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC": f"{events}.dlq",
-             "NUDGEFLOW_DISPATCH__TIMEOUT_S": "2.0", "NUDGEFLOW_HEALTH_PORT": "0",
-             "NUDGEFLOW_TEMPLATES": str(templates)},
-        stderr=subprocess.PIPE,
+    flow = start_flow(
+        kafka_bootstrap, events, api_url, redis_url, "--rules", str(rules_file),
+        env={"NUDGEFLOW_KAFKA__DECISIONS_TOPIC": decisions_topic,
+             "NUDGEFLOW_HEALTH_PORT": "0", "NUDGEFLOW_TEMPLATES": str(templates)},
     )
     try:
         decided = consume_all(kafka_bootstrap, decisions_topic, expected=8, timeout_s=60)
