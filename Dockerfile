@@ -15,21 +15,17 @@ RUN groupadd --system --gid 10001 nudgeflow \
     && useradd --system --uid 10001 --gid nudgeflow --create-home --shell /usr/sbin/nologin nudgeflow
 
 # Build and install from a scratch directory that is removed afterwards: only the
-# installed package and the rules stay in the image.
+# installed package stays in the image.
 WORKDIR /build
 # README* matches nothing until there is a README; pyproject.toml keeps the COPY valid.
 COPY pyproject.toml README* ./
 COPY nudgeflow ./nudgeflow
-COPY flows ./flows
-COPY operators ./operators
-COPY sinks ./sinks
 RUN pip install --no-cache-dir . \
     && rm -rf /build
 
+# The default rules and templates are package data inside the installed package;
+# mount your own rules file and point NUDGEFLOW_RULES at it to change them.
 WORKDIR /app
-COPY config ./config
-# The default rules path is relative to the source tree, which the image does not have.
-ENV NUDGEFLOW_RULES=/app/config/rules.yaml
 
 USER 10001:10001
 ENTRYPOINT ["nudgeflow"]

@@ -23,12 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nudgeflow.argtypes import EXIT_USAGE, OneLineParser, positive_float, positive_int
-from nudgeflow.errors import NudgeflowError, UsageError
+from nudgeflow.app.argtypes import EXIT_USAGE, OneLineParser, positive_float, positive_int
+from nudgeflow.core.errors import NudgeflowError, UsageError
 
 
 def _timestamp(text: str) -> int:
-    from nudgeflow.events import parse_ts
+    from nudgeflow.core.events import parse_ts
 
     try:
         return parse_ts(int(text) if text.lstrip("-").isdigit() else text)
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:1] == ["bench"]:
         # The benchmark harness has its own flags (`nudgeflow bench --help`).
-        from bench.cli import bench_main
+        from nudgeflow.bench.cli import bench_main
 
         try:
             return bench_main(raw[1:])
@@ -151,8 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "replay":
         return _replay(args)
     if args.command == "record":
-        from nudgeflow.settings import load_settings
-        from nudgeflow.topic_io import Bounds, record_topic
+        from nudgeflow.app.topic_io import Bounds, record_topic
+        from nudgeflow.core.settings import load_settings
 
         settings = load_settings(brokers=args.brokers)
         bounds = Bounds(args.from_offset, args.to_offset, args.from_time, args.to_time)
@@ -161,8 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"recorded {count} messages of {args.topic} to {args.out}", file=sys.stderr)
         return 0
     if args.command == "run":
-        from flows.live import run_live, run_local_cluster
-        from nudgeflow.settings import load_settings
+        from nudgeflow.core.settings import load_settings
+        from nudgeflow.flows.live import run_live, run_local_cluster
 
         settings = load_settings(
             brokers=args.brokers, topic=args.topic, dead_letter_topic=args.dead_letter_topic,
@@ -176,19 +176,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_live(settings, start_at_end=args.start_at == "end")
         return 0
     if args.command == "explain":
-        from nudgeflow.explain import explain_user
+        from nudgeflow.app.explain import explain_user
 
         for line in explain_user(args.events, args.user, profiles=args.profiles,
                                  rules=args.rules):
             print(line)
         return 0
     if args.command == "demo":
-        from nudgeflow.demo import run_demo
+        from nudgeflow.app.demo import run_demo
 
         return run_demo(users=args.users, hours=args.hours, workers=args.workers,
                         out_dir=args.out_dir)
     if args.command == "dispatch-api":
-        from nudgeflow.dispatch_api import serve
+        from nudgeflow.dispatch_api.server import serve
 
         serve(
             args.host, args.port, args.log, redis_url=args.redis_url, smtp=args.smtp,
@@ -199,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "rules":
-        from nudgeflow.rules import load_rules
+        from nudgeflow.core.rules import load_rules
 
         config = load_rules(args.file)
         print(f"{args.file}: ok, {len(config.rules)} rules")
@@ -213,8 +213,8 @@ def _replay(args: argparse.Namespace) -> int:
         msg = "replay needs exactly one of --out (run the flow) and --to-topic (produce)"
         raise UsageError(msg)
     if args.to_topic is not None:
-        from nudgeflow.settings import load_settings
-        from nudgeflow.topic_io import replay_to_topic
+        from nudgeflow.app.topic_io import replay_to_topic
+        from nudgeflow.core.settings import load_settings
 
         settings = load_settings(brokers=args.brokers)
         count = replay_to_topic(
@@ -224,7 +224,7 @@ def _replay(args: argparse.Namespace) -> int:
         )
         print(f"produced {count} messages to {args.to_topic}", file=sys.stderr)
         return 0
-    from nudgeflow.replay import run_replay
+    from nudgeflow.app.replay import run_replay
 
     summary = run_replay(
         args.events, args.out, dead_letter=args.dead_letter, profiles=args.profiles,

@@ -6,7 +6,8 @@
 # 1. creates .venv with python3.11 if missing and `pip install -e '.[dev]'`
 #    (skipped when pyproject.toml is unchanged since the last install; FORCE_INSTALL=1
 #    to force it),
-# 2. unless --no-lint: `ruff check .` and `mypy` (config from pyproject) -- fail fast,
+# 2. unless --no-lint: `ruff check .`, `mypy` and `lint-imports` (config from pyproject),
+#    failing fast,
 # 3. `scripts/services.sh up` (Kafka + Redis) and exports KAFKA_BOOTSTRAP / REDIS_URL,
 # 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
 set -euo pipefail
@@ -72,6 +73,8 @@ if [[ "$lint" -eq 1 ]]; then
   "$VENV/bin/ruff" check . || die "ruff check failed"
   log "mypy"
   "$VENV/bin/mypy" || die "mypy failed"
+  log "lint-imports (the package's layers, pyproject.toml)"
+  "$VENV/bin/lint-imports" --no-cache >/dev/null || { "$VENV/bin/lint-imports" --no-cache; die "lint-imports failed"; }
 fi
 
 # --- 3. services ------------------------------------------------------------

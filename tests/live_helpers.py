@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 import redis
 
-from nudgeflow.events import Event, decode_event
-from nudgeflow.profiles import NO_PROFILE, Profile, profile_from_mapping
-from nudgeflow.rules import RulesConfig
-from nudgeflow.samples import SampleSpec, generate_profiles
-from operators.detector import Detector
+from nudgeflow.app.samples import SampleSpec, generate_profiles
+from nudgeflow.core.events import Event, decode_event
+from nudgeflow.core.profiles import NO_PROFILE, Profile, profile_from_mapping
+from nudgeflow.core.rules import RulesConfig
+from nudgeflow.operators.detector import Detector
 
 
 def expected_dispatched(
@@ -97,7 +97,7 @@ def start_flow(
         **(env or {}),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "nudgeflow.cli", "run", "--brokers", bootstrap, "--topic", topic,
+        [sys.executable, "-m", "nudgeflow", "run", "--brokers", bootstrap, "--topic", topic,
          "--dispatch-url", api_url, "--redis-url", redis_url, *args],
         env=settings, stdout=stdout, stderr=stderr,
     )

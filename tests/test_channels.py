@@ -22,7 +22,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from nudgeflow.channels import (
+from nudgeflow.core.errors import ConfigError
+from nudgeflow.dispatch_api.channels import (
     Contact,
     DeliveryError,
     HttpProvider,
@@ -31,8 +32,7 @@ from nudgeflow.channels import (
     StaticContacts,
     parse_host_port,
 )
-from nudgeflow.dispatch_api import ServerThread, build_adapters, create_app
-from nudgeflow.errors import ConfigError
+from nudgeflow.dispatch_api.server import ServerThread, build_adapters, create_app
 
 TRIGGER_BODY: dict[str, Any] = {
     "trigger_id": "t-1",

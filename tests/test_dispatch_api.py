@@ -18,21 +18,21 @@ import redis
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from nudgeflow.channels import Contact, DeliveryError, Message
-from nudgeflow.dispatch_api import ServerThread, build_app, create_app
-from nudgeflow.errors import ConfigError, ServiceError
-from nudgeflow.settings import DispatchSettings
-from nudgeflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from nudgeflow.timeutil import datetime_to_ms
-from nudgeflow.trigger_store import (
+from nudgeflow.core.errors import ConfigError, ServiceError
+from nudgeflow.core.settings import DispatchSettings
+from nudgeflow.core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from nudgeflow.core.timeutil import datetime_to_ms
+from nudgeflow.core.triggers import Channel, Decision, Trigger, make_trigger_id
+from nudgeflow.dispatch_api.channels import Contact, DeliveryError, Message
+from nudgeflow.dispatch_api.server import ServerThread, build_app, create_app
+from nudgeflow.dispatch_api.trigger_store import (
     InMemoryTriggerStore,
     RedisTriggerStore,
     Status,
     StoredTrigger,
     TriggerStore,
 )
-from nudgeflow.triggers import Channel, Decision, Trigger, make_trigger_id
-from sinks.dispatch import Dispatcher, DispatchResult
+from nudgeflow.sinks.dispatch import Dispatcher, DispatchResult
 
 NOW = datetime(2026, 3, 1, 10, 15, tzinfo=UTC)
 NOW_MS = datetime_to_ms(NOW)

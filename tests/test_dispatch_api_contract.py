@@ -18,7 +18,7 @@ import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 
-from nudgeflow.dispatch_api import ServerThread, create_app
+from nudgeflow.dispatch_api.server import ServerThread, create_app
 
 TOKEN = "contract-token"
 VALID_ID = re.compile(r"[!-~]{1,128}")

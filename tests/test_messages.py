@@ -10,8 +10,12 @@ import httpx
 import orjson
 import pytest
 
-from nudgeflow.errors import ConfigError
-from nudgeflow.messages import (
+from nudgeflow.core.errors import ConfigError
+from nudgeflow.core.profiles import Profile
+from nudgeflow.core.rules import RulesConfig, load_rules, parse_rules
+from nudgeflow.core.settings import DEFAULT_RULES, DispatchSettings
+from nudgeflow.core.triggers import Channel, Decision, Trigger, make_trigger_id
+from nudgeflow.enrich.messages import (
     DEFAULT_TEMPLATES_DIR,
     SMS_LIMIT,
     MessageRenderer,
@@ -20,12 +24,8 @@ from nudgeflow.messages import (
     gsm7_length,
     to_gsm7,
 )
-from nudgeflow.profile_store import StaticProfiles
-from nudgeflow.profiles import Profile
-from nudgeflow.rules import RulesConfig, load_rules, parse_rules
-from nudgeflow.settings import DEFAULT_RULES, DispatchSettings
-from nudgeflow.triggers import Channel, Decision, Trigger, make_trigger_id
-from sinks.dispatch import Dispatcher, DispatchResult
+from nudgeflow.enrich.profile_store import StaticProfiles
+from nudgeflow.sinks.dispatch import Dispatcher, DispatchResult
 
 FIRED_AT_MS = 1_772_359_200_000
 # An offer as long as a real one gets: every template's offer branch is rendered too.

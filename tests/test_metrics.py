@@ -7,9 +7,9 @@ import urllib.request
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from nudgeflow import metrics as metrics_module
-from nudgeflow.metrics import Cause, Metrics, timer_due_ms
-from nudgeflow.triggers import Decision, Outcome, Trigger
+from nudgeflow.core import metrics as metrics_module
+from nudgeflow.core.metrics import Cause, Metrics, timer_due_ms
+from nudgeflow.core.triggers import Decision, Outcome, Trigger
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nudgeflow.events import Event, Rejection, decode_event
-from nudgeflow.samples import (
+from nudgeflow.app.samples import (
     DEFAULT_START_MS,
     SampleLine,
     SampleSpec,
@@ -24,7 +23,8 @@ from nudgeflow.samples import (
     generate_profiles,
     write_sample,
 )
-from nudgeflow.timeutil import datetime_to_ms
+from nudgeflow.core.events import Event, Rejection, decode_event
+from nudgeflow.core.timeutil import datetime_to_ms
 
 LATENESS_MS = 30_000
 SMALL = SampleSpec(users=200, seed=11)

@@ -23,7 +23,7 @@ import pytest
 from reference.spec_model import run_reference, segment_of
 
 from nudgeflow.cli import main
-from nudgeflow.events import Event, decode_event, parse_ts
+from nudgeflow.core.events import Event, decode_event, parse_ts
 
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 SEC = 1000

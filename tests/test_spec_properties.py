@@ -35,14 +35,14 @@ from reference.spec_model import (
     run_reference,
 )
 
-from nudgeflow.events import Event, decode_event
-from nudgeflow.profiles import Profile
-from nudgeflow.rules import load_rules
-from nudgeflow.settings import DEFAULT_RULES
-from nudgeflow.timeutil import format_ms
-from nudgeflow.triggers import Trigger
-from operators.detector import Detector
-from operators.event_time import Admit
+from nudgeflow.core.events import Event, decode_event
+from nudgeflow.core.profiles import Profile
+from nudgeflow.core.rules import load_rules
+from nudgeflow.core.settings import DEFAULT_RULES
+from nudgeflow.core.timeutil import format_ms
+from nudgeflow.core.triggers import Trigger
+from nudgeflow.operators.detector import Detector
+from nudgeflow.operators.event_time import Admit
 
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 USERS = ("u1", "u2", "u3")
@@ -321,7 +321,7 @@ def _replay(tmp_path: Path, events: Path, profiles: Path, workers: int) -> tuple
     out = tmp_path / f"out-{workers}.jsonl"
     dead = tmp_path / f"dead-{workers}.jsonl"
     subprocess.run(
-        [sys.executable, "-m", "nudgeflow.cli", "replay", str(events), "--out", str(out),
+        [sys.executable, "-m", "nudgeflow", "replay", str(events), "--out", str(out),
          "--dead-letter", str(dead), "--profiles", str(profiles), "--workers", str(workers),
          "--quiet"],
         check=True, timeout=120,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nudgeflow.dispatch_api import ServerThread, create_app
+from nudgeflow.dispatch_api.server import ServerThread, create_app
 
 
 @pytest.fixture

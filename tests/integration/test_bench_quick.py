@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench.cli import bench_main
+from nudgeflow.bench.cli import bench_main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

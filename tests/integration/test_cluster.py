@@ -11,9 +11,9 @@ from confluent_kafka import Producer
 from kafka_helpers import TopicFactory
 from live_helpers import expected_dispatched, load_sample_profiles, start_flow, wait_for_ids
 
-from nudgeflow.rules import load_rules
-from nudgeflow.samples import SampleSpec, generate_lines
-from nudgeflow.settings import DEFAULT_RULES
+from nudgeflow.app.samples import SampleSpec, generate_lines
+from nudgeflow.core.rules import load_rules
+from nudgeflow.core.settings import DEFAULT_RULES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

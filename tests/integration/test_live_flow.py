@@ -21,9 +21,9 @@ from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
 from live_helpers import expected_dispatched, read_api_log, start_flow, wait_for_ids
 
-from nudgeflow.profiles import Profile
-from nudgeflow.rules import RulesConfig, parse_rules
-from nudgeflow.timeutil import datetime_to_ms, format_ms
+from nudgeflow.core.profiles import Profile
+from nudgeflow.core.rules import RulesConfig, parse_rules
+from nudgeflow.core.timeutil import datetime_to_ms, format_ms
 
 pytestmark = pytest.mark.integration
 

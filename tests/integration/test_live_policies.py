@@ -19,9 +19,9 @@ from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
 from live_helpers import read_api_log, start_flow
 
-from nudgeflow.policies import Policies
-from nudgeflow.rules import parse_rules
-from nudgeflow.timeutil import datetime_to_ms, format_ms
+from nudgeflow.core.policies import Policies
+from nudgeflow.core.rules import parse_rules
+from nudgeflow.core.timeutil import datetime_to_ms, format_ms
 
 pytestmark = pytest.mark.integration
 

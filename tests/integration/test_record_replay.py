@@ -10,9 +10,9 @@ import pytest
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory
 
+from nudgeflow.app.samples import SampleSpec, generate_lines
 from nudgeflow.cli import main
-from nudgeflow.recording import iter_recording
-from nudgeflow.samples import SampleSpec, generate_lines
+from nudgeflow.core.recording import iter_recording
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from nudgeflow.events import Event
+from nudgeflow.core.events import Event
 
 SECOND: Final = 1000
 MINUTE: Final = 60 * SECOND

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from nudgeflow.cli import main
-from nudgeflow.recording import RecordedMessage, recording_header
+from nudgeflow.core.recording import RecordedMessage, recording_header
 
 MIN = 60_000
 T0 = 1_772_359_200_000
@@ -125,7 +125,7 @@ def test_unusable_input_is_one_line_and_exit_2(
     (tmp_path / "bad.yaml").write_text("rules: 3\n")
     argv = [a.format(tmp=tmp_path, events=events) for a in args]
     result = subprocess.run(
-        [sys.executable, "-m", "nudgeflow.cli", "replay", *argv],
+        [sys.executable, "-m", "nudgeflow", "replay", *argv],
         capture_output=True, text=True, cwd=tmp_path, check=False,
     )
     assert result.returncode == 2
@@ -137,7 +137,7 @@ def test_unusable_input_is_one_line_and_exit_2(
 
 @pytest.mark.slow
 def test_output_is_identical_with_1_and_2_workers_and_2_processes(tmp_path: Path) -> None:
-    from nudgeflow.samples import SampleSpec, write_sample
+    from nudgeflow.app.samples import SampleSpec, write_sample
 
     events, profiles = write_sample(tmp_path, SampleSpec(users=150, hours=3.0, seed=11))
     outs = {}
@@ -147,7 +147,7 @@ def test_output_is_identical_with_1_and_2_workers_and_2_processes(tmp_path: Path
         assert main(argv + extra) == 0
         outs[name] = out
     out = tmp_path / "p2.jsonl"
-    flow = (f"flows.replay:build_replay_flow({str(events)!r}, {str(out)!r}, "
+    flow = (f"nudgeflow.flows.replay:build_replay_flow({str(events)!r}, {str(out)!r}, "
             f"profiles={str(profiles)!r})")
     subprocess.run([sys.executable, "-m", "bytewax.testing", flow, "-p", "2"],
                    check=True, capture_output=True, timeout=300)

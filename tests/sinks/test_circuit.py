@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from nudgeflow.settings import DispatchSettings
-from nudgeflow.triggers import Decision, Trigger, make_trigger_id
-from sinks.circuit import CircuitBreaker, CircuitState
-from sinks.dispatch import Dispatcher, DispatchResult
+from nudgeflow.core.settings import DispatchSettings
+from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
+from nudgeflow.sinks.circuit import CircuitBreaker, CircuitState
+from nudgeflow.sinks.dispatch import Dispatcher, DispatchResult
 
 FIRED_AT_MS = 1_772_359_200_000
 

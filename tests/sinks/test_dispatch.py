@@ -15,12 +15,12 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, cluster_main, run_main
 from pydantic import SecretStr
 
-from nudgeflow.errors import DispatchError, ServiceError
-from nudgeflow.settings import DispatchSettings
-from nudgeflow.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signature_problem
-from nudgeflow.triggers import Decision, Trigger, make_trigger_id
-from sinks.dead_letter import KafkaDeadLetterWriter
-from sinks.dispatch import Dispatcher, DispatchResult, DispatchSink
+from nudgeflow.core.errors import DispatchError, ServiceError
+from nudgeflow.core.settings import DispatchSettings
+from nudgeflow.core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signature_problem
+from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
+from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
+from nudgeflow.sinks.dispatch import Dispatcher, DispatchResult, DispatchSink
 
 API = "http://dispatch.test"
 FIRED_AT_MS = 1_772_359_200_000  # 2026-03-01T10:00:00Z

@@ -23,12 +23,12 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, run_main
 from kafka_helpers import TopicFactory, consume_all
 
-from nudgeflow.dispatch_api import ServerThread, create_app
-from nudgeflow.settings import DispatchSettings, KafkaSettings
-from nudgeflow.triggers import Decision, Trigger, make_trigger_id
-from sinks.circuit import CircuitBreaker
-from sinks.dead_letter import KafkaDeadLetterWriter
-from sinks.dispatch import DispatchResult, DispatchSink, make_breaker
+from nudgeflow.core.settings import DispatchSettings, KafkaSettings
+from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
+from nudgeflow.dispatch_api.server import ServerThread, create_app
+from nudgeflow.sinks.circuit import CircuitBreaker
+from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
+from nudgeflow.sinks.dispatch import DispatchResult, DispatchSink, make_breaker
 
 FIRED_AT_MS = 1_772_359_200_000
 

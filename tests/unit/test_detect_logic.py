@@ -10,13 +10,13 @@ import pickle
 
 import orjson
 
-from nudgeflow.envelope import DeadLetter, Envelope, Origin
-from nudgeflow.events import Event, decode_event
-from nudgeflow.profiles import Profile
-from nudgeflow.rules import parse_rules
-from nudgeflow.timeutil import datetime_to_ms
-from operators.detect import Emitted, LiveClock, _DetectLogic
-from operators.detector import Detector
+from nudgeflow.core.envelope import DeadLetter, Envelope, Origin
+from nudgeflow.core.events import Event, decode_event
+from nudgeflow.core.profiles import Profile
+from nudgeflow.core.rules import parse_rules
+from nudgeflow.core.timeutil import datetime_to_ms
+from nudgeflow.operators.detect import Emitted, LiveClock, _DetectLogic
+from nudgeflow.operators.detector import Detector
 
 RULES = """
 time: {lateness: 30s, dedup_retention: 1d}

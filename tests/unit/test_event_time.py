@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from operators.event_time import Admission, Admit, TimerQueue
+from nudgeflow.operators.event_time import Admission, Admit, TimerQueue
 
 DAY = 86_400_000
 

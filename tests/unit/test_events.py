@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from nudgeflow.events import Event, Rejection, decode_event
+from nudgeflow.core.events import Event, Rejection, decode_event
 
 BASE: dict[str, Any] = {"event_id": "e1", "user_id": "u1", "type": "page_view", "ts": 1_000}
 

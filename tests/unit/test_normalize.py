@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from nudgeflow.events import Event, Rejection, decode_event
+from nudgeflow.core.events import Event, Rejection, decode_event
 
 
 def segment(**fields: Any) -> Event | Rejection:

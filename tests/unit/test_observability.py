@@ -7,7 +7,7 @@ import logging
 import httpx
 import orjson
 
-from nudgeflow.observability import Health, JsonFormatter, redact, serve_health
+from nudgeflow.core.observability import Health, JsonFormatter, redact, serve_health
 
 
 def test_health_is_alive_at_once_and_ready_only_once_running() -> None:

@@ -6,13 +6,13 @@ from typing import Any
 
 import orjson
 
-from nudgeflow.events import Event, decode_event
-from nudgeflow.policies import Policies, PolicyState
-from nudgeflow.profiles import Profile, profile_from_mapping
-from nudgeflow.rules import PolicyConfig, RuleBase, parse_rules
-from nudgeflow.timeutil import MS_PER_DAY, MS_PER_HOUR, datetime_to_ms
-from nudgeflow.triggers import Decision, Trigger
-from operators.detector import Detector
+from nudgeflow.core.events import Event, decode_event
+from nudgeflow.core.policies import Policies, PolicyState
+from nudgeflow.core.profiles import Profile, profile_from_mapping
+from nudgeflow.core.rules import PolicyConfig, RuleBase, parse_rules
+from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR, datetime_to_ms
+from nudgeflow.core.triggers import Decision, Trigger
+from nudgeflow.operators.detector import Detector
 
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z, a Sunday
 EMAIL = Profile(segment="regular", opt_in=("email",))

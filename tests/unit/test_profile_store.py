@@ -6,9 +6,9 @@ from typing import Any
 
 import redis
 
-from nudgeflow.metrics import metrics
-from nudgeflow.profile_store import RedisProfiles
-from nudgeflow.profiles import NO_PROFILE, Profile
+from nudgeflow.core.metrics import metrics
+from nudgeflow.core.profiles import NO_PROFILE, Profile
+from nudgeflow.enrich.profile_store import RedisProfiles
 
 
 class FlakyRedis:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from nudgeflow.cli import main
-from nudgeflow.errors import RulesError
-from nudgeflow.rules import AbsenceRule, CountInWindowRule, load_rules, parse_rules
-from nudgeflow.settings import DEFAULT_RULES
+from nudgeflow.core.errors import RulesError
+from nudgeflow.core.rules import AbsenceRule, CountInWindowRule, load_rules, parse_rules
+from nudgeflow.core.settings import DEFAULT_RULES
 
 
 def test_the_shipped_rules_are_the_default_rules_of_the_spec_in_table_order() -> None:

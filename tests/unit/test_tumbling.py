@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from operators.tumbling import TumblingCounter
+from nudgeflow.operators.tumbling import TumblingCounter
 
 HOUR = 3_600_000
 
@@ -28,10 +28,10 @@ def test_an_out_of_order_event_counts_in_the_previous_bucket() -> None:
 def test_the_detector_exposes_hourly_and_daily_counts_as_features() -> None:
     import orjson
 
-    from nudgeflow.events import Event, decode_event
-    from nudgeflow.rules import load_rules
-    from nudgeflow.settings import DEFAULT_RULES
-    from operators.detector import Detector
+    from nudgeflow.core.events import Event, decode_event
+    from nudgeflow.core.rules import load_rules
+    from nudgeflow.core.settings import DEFAULT_RULES
+    from nudgeflow.operators.detector import Detector
 
     detector = Detector(load_rules(DEFAULT_RULES))
     user = detector.new_user("u1")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from operators.cart import Cart
-from operators.sessions import SessionTracker
-from operators.windows import Cooldowns, SlidingCounter
+from nudgeflow.operators.cart import Cart
+from nudgeflow.operators.sessions import SessionTracker
+from nudgeflow.operators.windows import Cooldowns, SlidingCounter
 
 MIN = 60_000
 

@@ -1,0 +1,93 @@
+"""`nudgeflow bench [--quick] [--json FILE]`: `bench_main(argv)` returns the exit code.
+
+Needs the services of `scripts/services.sh up` (KAFKA_BOOTSTRAP, REDIS_URL in
+the environment, or `--brokers` / `--redis-url`). Prints progress and the table
+on stderr / stdout; `--json` writes every number with its runs and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+
+from nudgeflow.app.argtypes import EXIT_USAGE, OneLineParser, positive_float, positive_int
+from nudgeflow.core.errors import NudgeflowError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="nudgeflow bench", description=(
+        "Throughput against a plain-consumer ceiling, event-to-dispatch latency, timer lag "
+        "and state per user, on the real Kafka and Redis of scripts/services.sh."
+    ))
+    p.add_argument("--quick", action="store_true",
+                   help="small stream, short runs: under 3 minutes (default: the full run, "
+                        "about 30 minutes)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--brokers", help="Kafka bootstrap (default: $KAFKA_BOOTSTRAP)")
+    p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL); the bench uses "
+                                       "database --redis-db of that server")
+    p.add_argument("--redis-db", type=int, help="Redis database for the profiles (default 15)")
+    p.add_argument("--users", type=positive_int, help="shoppers in the generated stream")
+    p.add_argument("--runs", type=positive_int, help="runs per measure (default 3)")
+    p.add_argument("--max-events", type=positive_int, help="events per throughput run")
+    p.add_argument("--latency-seconds", type=positive_float, help="seconds per paced segment")
+    p.add_argument("--memory-users", type=positive_int, help="users of the memory measure")
+    p.add_argument("--memory-clones", type=positive_int,
+                   help="copy the memory measure's states to this many times the users")
+    p.add_argument("--memory-runs", type=positive_int, help="runs of the memory measure")
+    p.add_argument("--levers", action="store_true",
+                   help="instead: measure the levers of issue 4 (bench/levers.py)")
+    return p
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    bootstrap = args.brokers or os.environ.get("KAFKA_BOOTSTRAP", "").strip()
+    redis_url = args.redis_url or os.environ.get("REDIS_URL", "").strip()
+    if not bootstrap or not redis_url:
+        print("nudgeflow bench: error: needs Kafka and Redis: run "
+              "'eval \"$(scripts/services.sh up)\"' or pass --brokers and --redis-url",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from nudgeflow.bench import harness
+
+    config = harness.QUICK if args.quick else harness.FULL
+    overrides = {
+        "users": args.users, "runs": args.runs, "max_events": args.max_events,
+        "latency_seconds": args.latency_seconds, "memory_users": args.memory_users,
+        "memory_clones": args.memory_clones, "memory_runs": args.memory_runs,
+        "redis_db": args.redis_db,
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        if args.levers:
+            from nudgeflow.bench import levers
+
+            result = levers.run(config, bootstrap=bootstrap, redis_url=redis_url)
+            print(levers.render(result))
+        else:
+            result = harness.run(config, bootstrap=bootstrap, redis_url=redis_url)
+            print(harness.render(result))
+    except NudgeflowError as exc:
+        print(f"nudgeflow bench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    if args.json is not None:
+        try:
+            args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+        except OSError as exc:
+            print(f"nudgeflow bench: error: cannot write {args.json}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())

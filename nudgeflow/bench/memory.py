@@ -1,0 +1,155 @@
+"""State per active user: `python -m nudgeflow.bench.memory LINES PROFILES RESULT.json [CLONES]`.
+
+Runs the recorded stream through the detection operator's own per-user logic
+(`nudgeflow.operators.detect._DetectLogic`, what bytewax keeps per key in live mode, with
+the wall clock simulated by each line's arrival time) and keeps every user's
+logic in a dict, as bytewax keeps one per key. Measured:
+
+- `rss`: the growth of the process's resident memory from before the first
+  event to after the last (after a full GC and `malloc_trim`), divided by the
+  users whose state is still held; it includes the allocator's fragmentation,
+  which is real memory too;
+- `pickled`: the size of each user's snapshot (`_DetectLogic.snapshot()`), a
+  cross-check that does not depend on the allocator.
+
+With CLONES = k > 1 the held states are then copied k-1 times under new user
+ids (each copy unpickled from the snapshot, so nothing is shared) and the RSS
+is measured again for k times the users: the cost at scale, without generating
+k times the events.
+
+Input files (written by the harness): LINES has one line per message,
+`<arrival_ms> <user_id> <message bytes>`; PROFILES one JSON profile per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "measure", "rss_bytes"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * _PAGE
+
+
+def _settle() -> int:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_bytes()
+
+
+def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str, Any]:
+    import orjson
+
+    from nudgeflow.core.envelope import Envelope, Origin
+    from nudgeflow.core.events import Event, decode_event
+    from nudgeflow.core.profiles import profile_from_mapping
+    from nudgeflow.core.rules import load_rules
+    from nudgeflow.core.settings import DEFAULT_RULES
+    from nudgeflow.operators.detect import LiveClock, _DetectLogic
+    from nudgeflow.operators.detector import Detector
+
+    detector = Detector(load_rules(DEFAULT_RULES))
+    # Raw profiles are loaded before the baseline; the Profile objects made from them
+    # per user (as the Redis lookup makes them) count towards the users' state.
+    raw_profiles: dict[str, bytes] = {}
+    with profiles_path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                raw_profiles[orjson.loads(line)["user_id"]] = line
+    wall = [0]
+    clock = LiveClock(lambda: wall[0])
+    logics: dict[str, _DetectLogic] = {}
+    events = decisions = 0
+    baseline = _settle()
+    started = time.perf_counter()
+    with lines_path.open("rb") as handle:
+        for line in handle:
+            arrival, user_id, raw = line.rstrip(b"\n").split(b" ", 2)
+            event = decode_event(raw)
+            if not isinstance(event, Event):
+                continue
+            wall[0] = int(arrival)
+            uid = event.user_id
+            logic = logics.get(uid)
+            if logic is None:
+                logic = logics[uid] = _DetectLogic(detector, None, clock, None)
+            raw_profile = raw_profiles.get(uid)
+            profile = profile_from_mapping(orjson.loads(raw_profile)) if raw_profile else None
+            envelope = Envelope(event, raw, Origin(), profile, wall[0])
+            out, discard = logic.on_batch([envelope])
+            decisions += sum(1 for _ in out)
+            events += 1
+            if discard:
+                del logics[uid]
+            del user_id
+    elapsed = time.perf_counter() - started
+    after = _settle()
+    users = len(logics)
+    snapshots = [logic.snapshot() for logic in logics.values()]
+    pickled = sum(len(s) for s in snapshots)
+    result: dict[str, Any] = {
+        "events": events,
+        "decisions": decisions,
+        "users": users,
+        "seconds": round(elapsed, 1),
+        "rss_baseline_bytes": baseline,
+        "rss_delta_bytes": after - baseline,
+        "rss_per_user": (after - baseline) / users if users else None,
+        "pickled_per_user": pickled / users if users else None,
+    }
+    if clones > 1:
+        del snapshots
+        result.update(_scaled(detector, clock, logics, clones, baseline))
+    return result
+
+
+def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
+            baseline: int) -> dict[str, Any]:
+    """Copy every held state `clones - 1` times under new ids; the RSS per user then."""
+    from nudgeflow.operators.detect import _DetectLogic
+
+    copies: list[dict[str, _DetectLogic]] = []
+    for k in range(1, clones):
+        copy: dict[str, _DetectLogic] = {}
+        for uid, logic in logics.items():
+            state, last_arrival = pickle.loads(logic.snapshot())
+            new_id = f"c{k}-{uid}"
+            state.user_id = new_id
+            clone = _DetectLogic(detector, state, clock, None)
+            clone.last_arrival = last_arrival
+            copy[new_id] = clone
+        copies.append(copy)
+    scaled = _settle()
+    total = len(logics) * clones
+    del copies
+    return {
+        "clones": clones,
+        "scaled_users": total,
+        "scaled_rss_delta_bytes": scaled - baseline,
+        "scaled_rss_per_user": (scaled - baseline) / total if total else None,
+    }
+
+
+def main(argv: list[str]) -> int:
+    lines, profiles, out = Path(argv[0]), Path(argv[1]), Path(argv[2])
+    clones = int(argv[3]) if len(argv) > 3 else 1
+    out.write_text(json.dumps(measure(lines, profiles, clones)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+"""What travels through the flow around an event: where it came from, its bytes, its profile.
+
+Keeping the original bytes and the source position with every event lets any
+step send it to the dead letters exactly as it arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from nudgeflow.core.events import Event, Rejection, decode_event
+from nudgeflow.core.profiles import Profile
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message came from: a replay line, or a Kafka topic/partition/offset."""
+
+    line: int | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    timestamp_ms: int | None = None  # Kafka message timestamp
+
+    def to_json(self) -> dict[str, Any]:
+        if self.line is not None:
+            return {"line": self.line}
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A valid event with its origin, raw bytes, the profile known for its user, arrival time."""
+
+    event: Event
+    raw: bytes
+    origin: Origin
+    profile: Profile | None = None
+    arrived_ms: int | None = None  # wall clock when the source read it (live only)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Bytes that could not be applied, why, and where they came from."""
+
+    raw: bytes
+    origin: Origin
+    reason: str
+    key: bytes | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.origin.to_json()
+        out["reason"] = self.reason
+        try:
+            out["raw"] = self.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out["raw"] = None
+            out["raw_hex"] = self.raw.hex()
+        return out
+
+    def to_json_bytes(self) -> bytes:
+        return orjson.dumps(self.to_json())
+
+
+def open_envelope(
+    raw: bytes, origin: Origin, arrived_ms: int | None = None, key: bytes | None = None
+) -> Envelope | DeadLetter:
+    """Decode raw bytes into an `Envelope`, or a `DeadLetter` with the rejection's reason."""
+    decoded = decode_event(raw)
+    if isinstance(decoded, Rejection):
+        return DeadLetter(raw, origin, decoded.reason, key)
+    return Envelope(decoded, raw, origin, None, arrived_ms)

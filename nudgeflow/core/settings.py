@@ -1,0 +1,128 @@
+"""Settings of a live run: one pydantic-settings tree, read once at the entry point.
+
+Every field can come from the environment (`NUDGEFLOW_…`, nested with `__`,
+for example `NUDGEFLOW_KAFKA__BOOTSTRAP`) or from a command-line flag that
+overrides it. Nothing below the entry point reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nudgeflow.core.resources import DEFAULT_RULES, DEFAULT_TEMPLATES
+
+__all__ = ["DEFAULT_RULES", "DEFAULT_TEMPLATES", "Settings", "load_settings"]
+
+
+class KafkaSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap: str = "127.0.0.1:9092"
+    input_topic: str = "events"
+    dead_letter_topic: str = "events.dlq"
+    decisions_topic: str = "triggers.decisions"
+    group_id: str = "nudgeflow"
+    # librdkafka waits this long before refetching an emptied queue; its 1000 ms
+    # default stalls a Python consumer that drains fast.
+    fetch_queue_backoff_ms: int = Field(default=10, ge=0)
+
+
+class RedisSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    url: str = "redis://127.0.0.1:6379/0"
+    profile_cache_ttl_s: float = Field(default=60.0, gt=0)
+    profile_cache_size: int = Field(default=100_000, gt=0)
+
+
+class DispatchSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    url: str = "http://127.0.0.1:8080"
+    token: SecretStr | None = None
+    max_in_flight: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=0.15, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_base_s: float = Field(default=0.05, gt=0)
+    backoff_max_s: float = Field(default=2.0, gt=0)
+    # HMAC-SHA256 of "<timestamp>.<body>" in X-Nudgeflow-Signature (nudgeflow.sinks.dispatch);
+    # never logged.
+    hmac_secret: SecretStr | None = None
+    # Circuit breaker (nudgeflow.sinks.circuit): open after this many consecutive failed attempts,
+    # then let one probe through every `circuit_open_s`; the sink waits meanwhile.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_open_s: float = Field(default=1.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything a live run needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NUDGEFLOW_", env_nested_delimiter="__", frozen=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    rules: Path = DEFAULT_RULES
+    templates: Path = DEFAULT_TEMPLATES
+    workers: int = Field(default=1, ge=1)
+    # A bytewax cluster across processes: this process's index and every process's host:port.
+    process_id: int | None = Field(default=None, ge=0)
+    addresses: list[str] | None = None
+    # Recovery: snapshots every `snapshot_interval_s` into `recovery_dir` (None: no recovery).
+    recovery_dir: Path | None = None
+    recovery_partitions: int = Field(default=1, ge=1)
+    snapshot_interval_s: float = Field(default=10.0, gt=0)
+    # /healthz, /readyz and /metrics; port 0 turns them off. Process i of a cluster uses port + i.
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=9100, ge=0, le=65535)
+    log_level: str = "INFO"
+
+
+def load_settings(
+    *,
+    brokers: str | None = None,
+    topic: str | None = None,
+    dead_letter_topic: str | None = None,
+    dispatch_url: str | None = None,
+    redis_url: str | None = None,
+    rules: Path | None = None,
+    workers: int | None = None,
+    **overrides: object,
+) -> Settings:
+    """Settings from the environment, with command-line flags (when given) on top."""
+    from pydantic import ValidationError
+
+    from nudgeflow.core.errors import ConfigError
+
+    try:
+        base = Settings()
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = "NUDGEFLOW_" + "__".join(str(p).upper() for p in first["loc"])
+        msg = f"bad setting {where}: {first['msg']}"
+        raise ConfigError(msg) from None
+    kafka = base.kafka.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "bootstrap": brokers, "input_topic": topic, "dead_letter_topic": dead_letter_topic
+            }.items()
+            if v is not None
+        }
+    )
+    redis = base.redis.model_copy(update={"url": redis_url} if redis_url is not None else {})
+    dispatch = base.dispatch.model_copy(
+        update={"url": dispatch_url} if dispatch_url is not None else {}
+    )
+    update: dict[str, object] = {"kafka": kafka, "redis": redis, "dispatch": dispatch}
+    if rules is not None:
+        update["rules"] = rules
+    if workers is not None:
+        update["workers"] = workers
+    update.update({k: v for k, v in overrides.items() if v is not None})
+    return base.model_copy(update=update)

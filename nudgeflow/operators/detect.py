@@ -1,0 +1,204 @@
+"""The bytewax operator around `Detector`: keyed envelopes in, decisions and dead letters out.
+
+    (user_id, Envelope) ──detect──► DetectOut.decisions  (user_id, Emitted)
+                                    DetectOut.late       (user_id, DeadLetter)   reason "late"
+                                    DetectOut.tallies    (user_id, Tally)        replay, at EOF
+
+Built on `stateful_batch` with `notify_at` (not on `EventClock` windows, whose
+busy-loop is bytewax bug #578). In replay mode time is only event time and
+`on_eof` decides the timers up to the input's end; in live mode the watermark
+also advances with the wall clock while a user is quiet, so a silent user's
+timer is decided within a second of its deadline.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from bytewax.operators import KeyedStream, StatefulBatchLogic
+
+from nudgeflow.core.envelope import DeadLetter, Envelope
+from nudgeflow.core.metrics import Cause, metrics
+from nudgeflow.core.timeutil import ms_to_datetime
+from nudgeflow.core.triggers import Decision
+from nudgeflow.operators.detector import Detector, UserState
+from nudgeflow.operators.event_time import Admit
+
+# Sort keys put the end-of-replay decisions after every line's.
+AT_END: Final = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """A decision and its place in the output: (line or offset of the cause, index, …)."""
+
+    decision: Decision
+    order: tuple[int, int, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """How one user's events ended (replay summary): applied, duplicate, late."""
+
+    applied: int
+    duplicate: int
+    late: int
+
+
+Output = Emitted | DeadLetter | Tally
+
+
+@dataclass(frozen=True)
+class DetectOut:
+    decisions: KeyedStream[Emitted]
+    late: KeyedStream[DeadLetter]
+    tallies: KeyedStream[Tally]
+
+
+class LiveClock:
+    """The wall clock of live mode, injectable for tests."""
+
+    def __init__(self, now_ms: Callable[[], int]) -> None:
+        self.now_ms = now_ms
+
+
+class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
+    def __init__(
+        self,
+        detector: Detector,
+        state: UserState | None,
+        clock: LiveClock | None,
+        end_bound: int | None,
+    ) -> None:
+        self.detector = detector
+        self.user = state
+        self.clock = clock
+        self.end_bound = end_bound
+        self.last_arrival: int | None = None  # wall ms of the user's last event (live)
+        self.counts = [0, 0, 0]
+
+    def on_batch(self, values: list[Envelope]) -> tuple[Iterable[Output], bool]:
+        detector = self.detector
+        now = self.clock.now_ms() if self.clock is not None else None
+        out: list[Output] = []
+        for envelope in values:
+            user = self.user
+            if user is None:
+                user = self.user = detector.new_user(envelope.event.user_id)
+            verdict, decisions = detector.process(user, envelope.event, envelope.profile, now)
+            if now is not None:  # live: count, and carry each decision's cause for latency
+                metrics.record_event_outcome(verdict.value)
+                decisions = metrics.traced(decisions, Cause.of_event(
+                    envelope.arrived_ms, envelope.origin.timestamp_ms))
+            if verdict is Admit.APPLY:
+                self.counts[0] += 1
+                self.last_arrival = now
+            elif verdict is Admit.DUPLICATE:
+                self.counts[1] += 1
+                continue
+            else:
+                self.counts[2] += 1
+                out.append(DeadLetter(envelope.raw, envelope.origin, "late", None))
+                continue
+            cause = envelope.origin.line if envelope.origin.line is not None else 0
+            out.extend(
+                Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions)
+            )
+        return out, self._discard()
+
+    def on_notify(self) -> tuple[Iterable[Output], bool]:
+        user, clock = self.user, self.clock
+        if user is None or clock is None or self.last_arrival is None:
+            return [], self._discard()
+        max_ts = user.admission.max_ts
+        if max_ts is None:
+            return [], self._discard()
+        now = clock.now_ms()
+        # As if an event had arrived with ts = previous max ts + wall time since the last one.
+        virtual = max_ts + (now - self.last_arrival)
+        delayed = set(user.pending_sends)
+        decisions = metrics.traced_timers(
+            self.detector.advance(user, virtual, now),
+            lateness_ms=self.detector.lateness, last_arrival_ms=self.last_arrival,
+            max_ts_ms=max_ts, delayed=delayed,
+        )
+        self.last_arrival = now
+        return [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)], self._discard()
+
+    def on_eof(self) -> tuple[Iterable[Output], bool]:
+        user = self.user
+        out: list[Output] = []
+        if user is not None and self.end_bound is not None:
+            decisions = self.detector.finish(user, self.end_bound)
+            out.extend(
+                Emitted(d, (AT_END, d.trigger.fired_at_ms, user.user_id, i))
+                for i, d in enumerate(decisions)
+            )
+        if self.clock is None and any(self.counts):
+            out.append(Tally(*self.counts))
+            self.counts = [0, 0, 0]
+        return out, self._discard()
+
+    def notify_at(self) -> datetime | None:
+        user, clock = self.user, self.clock
+        if user is None or clock is None or self.last_arrival is None:
+            return None
+        max_ts = user.admission.max_ts
+        if max_ts is None:
+            return None
+        deadline = self.detector.next_deadline(user)
+        if deadline is not None:
+            # Due once the watermark (max_ts - lateness) is strictly past the deadline.
+            wake_ts = deadline + self.detector.lateness + 1
+        else:
+            expiry = self.detector.expires_at(user)
+            if expiry is None:
+                return None
+            wake_ts = expiry
+        return ms_to_datetime(self.last_arrival + max(0, wake_ts - max_ts))
+
+    def _discard(self) -> bool:
+        user = self.user
+        return user is not None and self.detector.idle(user)
+
+    def snapshot(self) -> bytes:
+        # Pickled bytes are an immutable copy, as bytewax requires of snapshots.
+        return pickle.dumps((self.user, self.last_arrival), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def detect(
+    step_id: str,
+    up: KeyedStream[Envelope],
+    detector: Detector,
+    *,
+    clock: LiveClock | None = None,
+    end_bound: int | None = None,
+) -> DetectOut:
+    """Run the detector per user. `clock` makes it live; `end_bound` is replay's input end."""
+
+    def builder(resume: bytes | None) -> _DetectLogic:
+        state: UserState | None = None
+        last_arrival: int | None = None
+        if resume is not None:
+            state, last_arrival = pickle.loads(resume)  # our own snapshot, never outside input
+        logic = _DetectLogic(detector, state, clock, end_bound)
+        logic.last_arrival = last_arrival
+        return logic
+
+    outputs: KeyedStream[Any] = op.stateful_batch(step_id, up, builder)
+    branch_late = op.branch(
+        f"{step_id}_late", outputs, lambda kv: isinstance(kv[1], DeadLetter)
+    )
+    rest: Stream[Any] = branch_late.falses
+    branch_tally = op.branch(f"{step_id}_tally", rest, lambda kv: isinstance(kv[1], Tally))
+    return DetectOut(
+        decisions=branch_tally.falses,
+        late=branch_late.trues,
+        tallies=branch_tally.trues,
+    )

@@ -1,0 +1,445 @@
+"""The per-user detector: event time, cart, sessions, rules and policies for one user.
+
+`Detector` is built once from a rules file and shared; `UserState` is one
+user's data (picklable, snapshotted by the bytewax wrapper). The detector
+applies TRIGGERS.md "Time" to the letter:
+
+1. admission: duplicate (24 h of event time), then late (below the watermark);
+2. an applied event updates the cart and the sessions, cancels delayed sends it
+   cancels, and is shown to every rule in the rules' order (rules whose
+   condition becomes true fire at once);
+3. then every pending timer with deadline < watermark is decided, in order of
+   deadline and then rule order; deciding one may set others, which obey the
+   same bound.
+
+Each detected trigger goes through the policies at once and comes out as a
+`Decision`, except a delayed send, which is held as a timer until it is due or
+cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from nudgeflow.core.events import Event
+from nudgeflow.core.policies import Policies, PolicyState
+from nudgeflow.core.profiles import NO_PROFILE, Profile
+from nudgeflow.core.rules import (
+    AbsenceRule,
+    CountInWindowRule,
+    EventMatch,
+    NthEventRule,
+    RevisitRule,
+    RulesConfig,
+    SequenceCountRule,
+    SessionCloseRule,
+    ThresholdRule,
+)
+from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
+from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
+from nudgeflow.operators.cart import Cart
+from nudgeflow.operators.event_time import Admission, Admit, Timer, TimerQueue
+from nudgeflow.operators.rule_logic import (
+    AbsenceLogic,
+    CountInWindowLogic,
+    NthEventLogic,
+    RevisitLogic,
+    RuleLogic,
+    SequenceCountLogic,
+    SessionCloseLogic,
+    ThresholdLogic,
+)
+from nudgeflow.operators.sessions import Session, SessionTracker
+from nudgeflow.operators.tumbling import TumblingCounter
+
+# (event time, rule name, what happened): the story `nudgeflow explain` tells.
+Trace = list[tuple[int, str, str]]
+
+# Timer names of the detector's own timers (rules' timers carry the rule's name).
+SESSION_TIMER: Final = "~session"
+SEND_TIMER: Final = "~send"
+
+
+@dataclass(slots=True)
+class UserState:
+    """Everything nudgeflow keeps for one user. Data only: the logic is `Detector`."""
+
+    user_id: str
+    admission: Admission
+    cart: Cart
+    sessions: SessionTracker
+    timers: TimerQueue
+    rule_states: list[Any]
+    policy: PolicyState = field(default_factory=PolicyState)
+    # trigger_id -> (provisional decision, rule order) of delayed sends not yet due
+    pending_sends: dict[str, tuple[Decision, int]] = field(default_factory=dict)
+    profile: Profile = NO_PROFILE
+    pruned_at: int | None = None
+    # events per hour and per day (tumbling, event time): features for an intent model
+    hourly: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_HOUR))
+    daily: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_DAY))
+
+
+class Step:
+    """What rules may see and do while the detector handles one input of one user."""
+
+    __slots__ = ("clock", "detector", "event_clock", "out", "trace", "user")
+
+    def __init__(
+        self,
+        detector: Detector,
+        user: UserState,
+        clock: int,
+        trace: Trace | None = None,
+        event_clock: int | None = None,
+    ) -> None:
+        self.detector = detector
+        self.user = user
+        self.clock = clock  # detected_at of whatever fires during this step
+        # The user's event time now, what delays are measured against like every timer:
+        # their latest ts, or the end of the input when a replay finishes.
+        max_ts = user.admission.max_ts
+        if event_clock is None:
+            event_clock = clock if max_ts is None else max_ts
+        self.event_clock = event_clock
+        self.out: list[Decision] = []
+        self.trace = trace
+
+    def note(self, logic: RuleLogic | None, at: int, message: str) -> None:
+        """Record why a rule did or did not act (only when explaining: `trace` is set)."""
+        if self.trace is not None:
+            self.trace.append((at, logic.name if logic is not None else "", message))
+
+    @property
+    def cart(self) -> Cart:
+        return self.user.cart
+
+    @property
+    def session_gap(self) -> int:
+        return self.detector.session_gap
+
+    def state(self, logic: RuleLogic) -> Any:
+        """The rule's state for this user, created on first use."""
+        states = self.user.rule_states
+        value = states[logic.order]
+        if value is None:
+            value = states[logic.order] = logic.new_state()
+        return value
+
+    def has_timer(self, logic: RuleLogic) -> bool:
+        return self.user.timers.get(logic.name) is not None
+
+    def timer_deadline(self, logic: RuleLogic) -> int | None:
+        timer = self.user.timers.get(logic.name)
+        return None if timer is None else timer.deadline
+
+    def set_timer(self, logic: RuleLogic, deadline: int, key: str = "") -> None:
+        self.user.timers.set(logic.name, logic.order, key, deadline)
+
+    def cancel_timer(self, logic: RuleLogic, key: str = "") -> None:
+        self.user.timers.cancel(logic.name, key)
+
+    def fire(self, logic: RuleLogic, fired_at: int, scope: str, metadata: dict[str, Any]) -> bool:
+        """Emit a trigger of `logic`'s rule unless the user is outside the rule's segment.
+
+        Returns whether it fired, so the rule can start its cooldown.
+        """
+        return self.detector.fire(self, logic, fired_at, scope, metadata)
+
+
+class Detector:
+    """The rules of one rules file, applied to users' states. Shared by all users."""
+
+    def __init__(self, config: RulesConfig) -> None:
+        self.config = config
+        self.lateness = config.time.lateness
+        self.session_gap = config.time.session_gap
+        self.dedup_retention = config.time.dedup_retention
+        self.policies = Policies(config.policies)
+        self.logics: list[RuleLogic] = []
+        self.session_matchers: list[EventMatch] = []
+        for order, rule in enumerate(config.enabled_rules):
+            self.logics.append(self._build(rule, order))
+        self._share_counters()
+        self._by_name = {logic.name: logic for logic in self.logics}
+        self._listeners: dict[str, list[RuleLogic]] = {}
+        for logic in self.logics:
+            if logic.listens_to is not None:
+                self._listeners.setdefault(logic.listens_to, []).append(logic)
+        self._session_rules = [x for x in self.logics if isinstance(x, SessionCloseLogic)]
+        self._uses_sessions = any(
+            isinstance(x, SessionCloseLogic | RevisitLogic) for x in self.logics
+        )
+        self._session_order = min(
+            (x.order for x in self._session_rules), default=len(self.logics)
+        )
+        # How far behind the watermark any state can still matter: past it, a user is forgotten.
+        horizons = [self.dedup_retention, 7 * 86_400_000]
+        for rule in config.enabled_rules:
+            for name in ("cooldown", "window", "within"):
+                horizons.append(int(getattr(rule, name, 0) or 0))
+        self.horizon = max(horizons) + self.lateness
+
+    def _build(self, rule: Any, order: int) -> RuleLogic:
+        if isinstance(rule, AbsenceRule):
+            return AbsenceLogic(rule, order)
+        if isinstance(rule, CountInWindowRule):
+            return CountInWindowLogic(rule, order)
+        if isinstance(rule, ThresholdRule):
+            return ThresholdLogic(rule, order)
+        if isinstance(rule, RevisitRule):
+            return RevisitLogic(rule, order)
+        if isinstance(rule, SequenceCountRule):
+            return SequenceCountLogic(rule, order)
+        if isinstance(rule, NthEventRule):
+            return NthEventLogic(rule, order)
+        if isinstance(rule, SessionCloseRule):
+            require = [self._session_matcher(m) for m in rule.require]
+            forbid = [self._session_matcher(m) for m in rule.forbid]
+            return SessionCloseLogic(rule, order, require, forbid)
+        msg = f"no logic for rule kind {rule.kind!r}"
+        raise TypeError(msg)
+
+    def _share_counters(self) -> None:
+        owners: dict[tuple[str, str | None], CountInWindowLogic] = {}
+        for logic in self.logics:
+            if isinstance(logic, CountInWindowLogic):
+                key = (logic.rule.match.model_dump_json(), logic.rule.scope)
+                owner = owners.setdefault(key, logic)
+                if owner is not logic:
+                    logic.share_counter_with(owner)
+
+    def _session_matcher(self, match: EventMatch) -> int:
+        self.session_matchers.append(match)
+        return len(self.session_matchers) - 1
+
+    # --- users ------------------------------------------------------------------------
+
+    def new_user(self, user_id: str) -> UserState:
+        return UserState(
+            user_id=user_id,
+            admission=Admission(self.lateness, self.dedup_retention),
+            cart=Cart(),
+            sessions=SessionTracker(self.session_gap),
+            timers=TimerQueue(),
+            rule_states=[None] * len(self.logics),
+        )
+
+    def process(
+        self,
+        user: UserState,
+        event: Event,
+        profile: Profile | None = None,
+        now: int | None = None,
+        trace: Trace | None = None,
+    ) -> tuple[Admit, list[Decision]]:
+        """Admit one arriving event and apply it; return its fate and the decisions it caused.
+
+        `now` is the wall clock in live mode (it becomes `detected_at`); replay
+        passes None and the user's event time stands in for it.
+        """
+        if profile is not None:
+            user.profile = profile
+        self._prune(user)
+        verdict = user.admission.admit(event.event_id, event.ts)
+        if verdict is not Admit.APPLY:
+            return verdict, []
+        step = Step(self, user, now if now is not None else self._event_clock(user), trace)
+        self._apply(step, event)
+        self._decide(step, self._watermark(user), inclusive=False)
+        return verdict, step.out
+
+    def advance(self, user: UserState, ts: int, now: int | None = None) -> list[Decision]:
+        """Live mode: time moved to `ts` with no event (the wall clock, while input is quiet)."""
+        self._prune(user)
+        user.admission.advance(ts)
+        step = Step(self, user, now if now is not None else self._event_clock(user))
+        self._decide(step, self._watermark(user), inclusive=False)
+        self._prune(user)
+        return step.out
+
+    def finish(self, user: UserState, end: int, trace: Trace | None = None) -> list[Decision]:
+        """Replay's end: decide every timer with deadline <= `end` (the input's largest ts)."""
+        self._prune(user)
+        step = Step(self, user, end, trace, event_clock=end)
+        self._decide(step, end, inclusive=True)
+        # What is still pending has not happened within the recording; a delayed send
+        # already decided stays dispatched at its send time.
+        for decision, _ in user.pending_sends.values():
+            step.out.append(decision)
+        user.pending_sends.clear()
+        return step.out
+
+    def next_deadline(self, user: UserState) -> int | None:
+        """The watermark past which the user's next timer is due, or None."""
+        return user.timers.next_deadline()
+
+    def expires_at(self, user: UserState) -> int | None:
+        """The `max_ts` past which nothing of this user can matter, or None if never seen."""
+        if user.admission.max_ts is None:
+            return None
+        return user.admission.max_ts + self.horizon
+
+    def idle(self, user: UserState) -> bool:
+        """True when the user's state holds nothing: it may be dropped."""
+        return (
+            not len(user.timers)
+            and user.cart.empty
+            and not user.pending_sends
+            and user.sessions.open_sessions == 0
+            and user.admission.remembered == 0
+            and user.policy.empty
+            and all(
+                logic.state_empty(s)
+                for logic, s in zip(self.logics, user.rule_states, strict=True)
+            )
+        )
+
+    # --- the steps --------------------------------------------------------------------
+
+    def _watermark(self, user: UserState) -> int:
+        watermark = user.admission.watermark
+        assert watermark is not None  # only called once an event was applied
+        return watermark
+
+    @staticmethod
+    def _event_clock(user: UserState) -> int:
+        max_ts = user.admission.max_ts
+        return 0 if max_ts is None else max_ts
+
+    def _prune(self, user: UserState) -> None:
+        # Before admission the watermark is at most every future decision time, so
+        # what lies behind it can be dropped exactly. Pruning once per event-time
+        # minute keeps the cost off the per-event path.
+        watermark = user.admission.watermark
+        if watermark is None:
+            return
+        if user.pruned_at is not None and watermark < user.pruned_at + 60_000:
+            return
+        user.pruned_at = watermark
+        user.admission.prune()
+        user.policy.prune(watermark)
+        for logic, state in zip(self.logics, user.rule_states, strict=True):
+            if state is not None:
+                logic.prune(state, watermark)
+
+    def features(self, user: UserState, at: int) -> dict[str, int]:
+        """Per-user activity features at event time `at` (tumbling hour and day counts)."""
+        return {
+            "events_this_hour": user.hourly.current(at),
+            "events_today": user.daily.current(at),
+            "cart_items": len(user.cart.snapshot()["items"]),
+            "open_sessions": user.sessions.open_sessions,
+        }
+
+    def _apply(self, step: Step, event: Event) -> None:
+        user = step.user
+        user.hourly.add(event.ts)
+        user.daily.add(event.ts)
+        kind = event.type
+        cart = user.cart
+        if kind == "add_to_cart":
+            cart.add(event.product_id or "", event.qty, event.price)
+        elif kind == "remove_from_cart":
+            cart.remove(event.product_id or "", event.qty)
+        elif kind == "purchase":
+            cart.clear()
+        session = self._place(user, event) if self._uses_sessions else None
+        if user.pending_sends:
+            self._cancel_sends(step, event)
+        for logic in self.logics:
+            logic.on_event(step, event, session)
+
+    def _place(self, user: UserState, event: Event) -> Session:
+        session, _ended = user.sessions.place(event.ts)
+        session.events += 1
+        for index, match in enumerate(self.session_matchers):
+            bit = 1 << index
+            if not session.matched & bit and match.matches(event):
+                session.matched |= bit
+        if (
+            event.type == "page_view"
+            and event.page_type == "product"
+            and event.product_id is not None
+            and event.product_id not in session.products
+        ):
+            session.products.append(event.product_id)
+        # An ended session keeps the close timer it had; the current one's moves with it.
+        user.timers.set(
+            SESSION_TIMER, self._session_order, str(session.index),
+            session.close_at(self.session_gap),
+        )
+        return session
+
+    def _cancel_sends(self, step: Step, event: Event) -> None:
+        user = step.user
+        for trigger_id, (decision, order) in list(user.pending_sends.items()):
+            rule = self.logics[order].config
+            if any(match.matches(event) for match in rule.cancel_delayed_on):
+                del user.pending_sends[trigger_id]
+                user.timers.cancel(SEND_TIMER, trigger_id)
+                self.policies.release(user.policy, decision.trigger.fired_at_ms)
+                step.out.append(Decision(decision.trigger, "suppressed", "cancelled"))
+                step.note(self.logics[order], event.ts,
+                          f"delayed send of {trigger_id} cancelled by {event.type}")
+
+    def _decide(self, step: Step, bound: int, *, inclusive: bool) -> None:
+        timers = step.user.timers
+        while (timer := timers.pop_due(bound, inclusive=inclusive)) is not None:
+            self._on_timer(step, timer)
+
+    def _on_timer(self, step: Step, timer: Timer) -> None:
+        user = step.user
+        if timer.rule == SESSION_TIMER:
+            session = user.sessions.close(int(timer.key))
+            if session is not None:
+                for logic in self._session_rules:
+                    logic.on_session_close(step, session)
+        elif timer.rule == SEND_TIMER:
+            pending = user.pending_sends.pop(timer.key, None)
+            if pending is not None:
+                step.out.append(pending[0])
+        else:
+            self._by_name[timer.rule].on_timer(step, timer)
+
+    def fire(
+        self, step: Step, logic: RuleLogic, fired_at: int, scope: str, metadata: dict[str, Any]
+    ) -> bool:
+        user = step.user
+        rule = logic.config
+        profile = user.profile
+        if rule.segment is not None and profile.segment != rule.segment:
+            step.note(logic, fired_at, f"condition held, but the user's segment is "
+                      f"{profile.segment!r} and the rule is for {rule.segment!r}")
+            return False
+        assignment = self.policies.assign(rule, user.user_id)
+        if assignment is not None:
+            metadata["experiment"] = assignment.to_json()
+        trigger = Trigger(
+            trigger_id=make_trigger_id(rule.name, user.user_id, fired_at, scope),
+            trigger_type=rule.name,
+            user_id=user.user_id,
+            fired_at_ms=fired_at,
+            detected_at_ms=max(step.clock, fired_at),
+            segment=profile.segment,
+            metadata=metadata,
+        )
+        plan = self.policies.plan(
+            trigger, rule, profile, user.policy, assignment, event_clock=step.event_clock
+        )
+        if step.trace is not None:
+            outcome = plan.decision
+            verdict = (f"dispatched via {outcome.channel}" if outcome.dispatched
+                       else f"suppressed ({outcome.reason})")
+            held = " after its delay" if plan.delayed else ""
+            step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
+        if plan.delayed and plan.decision.send_at_ms is not None:
+            user.pending_sends[trigger.trigger_id] = (plan.decision, logic.order)
+            user.timers.set(SEND_TIMER, logic.order, trigger.trigger_id, plan.decision.send_at_ms)
+        else:
+            step.out.append(plan.decision)
+        for listener in self._listeners.get(rule.name, ()):
+            listener.on_trigger(step, trigger)
+        return True
+

@@ -1,0 +1,577 @@
+"""The dispatch sink: POST every dispatched decision to the dispatch API (EVENTS.md §3).
+
+Stream in: `nudgeflow.core.triggers.Decision` items, `dispatched` and `suppressed`
+mixed. The dispatched ones are sent with their `dispatch_body()`; the
+suppressed ones are ignored here (the decisions topic already records them).
+Nothing comes out: each dispatched decision ends either delivered (a 2xx) or
+handed to the failure callback, which in live mode writes it to the
+`triggers.dlq` topic (`nudgeflow.sinks.dead_letter`). Nothing is dropped silently.
+
+Why it is built this way:
+
+- `Dispatcher` is plain asyncio and httpx with no bytewax in it, so tests drive it
+  with `httpx.MockTransport`, an instant `sleep` and a fixed random source.
+- One bytewax batch is sent concurrently, at most `max_in_flight` requests at a
+  time over pooled keep-alive connections: a batch of 100 costs about
+  100 / `max_in_flight` round trips, not 100.
+- `write_batch` returns only when every decision of the batch is delivered or
+  handed over as failed. With the `Idempotency-Key` set to the deterministic
+  `trigger_id`, a batch replayed after a crash never becomes a second message to a
+  customer: at-least-once processing, at-most-once delivery.
+- Retries (5xx, 429, timeouts, connection errors) use exponential backoff with full
+  jitter, so a recovering API is not hit by every worker in lockstep. A 4xx other
+  than 429 is our bug or bad data: retrying cannot help, it goes straight to the
+  failure callback.
+- Each partition owns one event loop and one client for its whole life: a loop or
+  a pool per batch would throw the keep-alive connections away on every batch.
+- A circuit breaker (`nudgeflow.sinks.circuit`) watches the attempts. After
+  `circuit_failure_threshold` consecutive failures it opens: no request goes out,
+  and `write_batch` waits (the flow back-pressures; Kafka keeps the input) instead
+  of dropping or dead-lettering anything. Every `circuit_open_s` one probe goes;
+  its success lets everything through again. Only real attempts count towards
+  `max_attempts`: a trigger is dead-lettered because the API kept failing *it*,
+  never because the sink was waiting. A 4xx proves the API is alive and closes
+  the breaker.
+- Authentication: a bearer token (`token`) and/or an HMAC-SHA256 signature of the
+  exact body bytes (`hmac_secret`, see `nudgeflow.core.signing`), signed afresh on
+  every attempt. Neither is ever logged.
+- Personalisation: an optional `render(decision) -> {"subject"?, "body"}` (for
+  example `nudgeflow.enrich.messages.MessageRenderer.for_profiles`) is added to the body
+  as `message`. A decision that cannot be rendered goes to the failure callback
+  without an attempt, like a body that is not JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Protocol, runtime_checkable
+
+import httpx
+import orjson
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from nudgeflow.core.errors import DispatchError
+from nudgeflow.core.metrics import metrics
+from nudgeflow.core.settings import DispatchSettings
+from nudgeflow.core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from nudgeflow.core.timeutil import now_ms
+from nudgeflow.core.triggers import Decision
+from nudgeflow.sinks.circuit import CircuitBreaker, CircuitState
+
+__all__ = [
+    "TRIGGER_PATH",
+    "DispatchResult",
+    "DispatchSink",
+    "Dispatcher",
+    "FailureCallback",
+    "Render",
+    "make_breaker",
+    "make_client",
+    "raise_dispatch_error",
+]
+
+logger = logging.getLogger(__name__)
+
+TRIGGER_PATH: Final = "/api/trigger"
+# A Retry-After beyond this is clamped: one trigger must not stall a worker for minutes.
+DEFAULT_MAX_RETRY_AFTER_S: Final = 30.0
+# 2**60 times any sane base is far beyond any cap; it keeps the float finite.
+_MAX_BACKOFF_EXPONENT: Final = 60
+_ERROR_TEXT_LIMIT: Final = 200
+
+# Worth another attempt: the request may not have arrived, or the server may recover.
+_RETRYABLE_TRANSPORT: Final = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    """How the dispatch of one trigger ended."""
+
+    trigger_id: str
+    ok: bool
+    status: int | None  # HTTP status of the last attempt; None if no response came back
+    attempts: int
+    error: str | None  # why the last attempt failed; None when ok
+    latency_ms: float  # first attempt start to the end, backoff sleeps included
+
+
+FailureCallback = Callable[[Decision, DispatchResult], None]
+Sleep = Callable[[float], Awaitable[None]]
+ClientFactory = Callable[[], httpx.AsyncClient]
+# The personalised message of one decision: {"subject"?: str, "body": str}.
+Render = Callable[[Decision], dict[str, str]]
+
+
+def raise_dispatch_error(decision: Decision, result: DispatchResult) -> None:
+    """The failure callback of last resort: stop loudly rather than lose a trigger."""
+    raise DispatchError(decision.trigger.trigger_id, result.error or "unknown failure")
+
+
+def make_client(
+    settings: DispatchSettings, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """An AsyncClient whose keep-alive pool matches `max_in_flight`.
+
+    With a custom `transport` httpx ignores `limits`; the transport owns its pool.
+    """
+    limits = httpx.Limits(
+        max_connections=settings.max_in_flight,
+        max_keepalive_connections=settings.max_in_flight,
+    )
+    return httpx.AsyncClient(transport=transport, limits=limits, timeout=settings.timeout_s)
+
+
+def make_breaker(
+    settings: DispatchSettings, clock: Callable[[], float] = time.monotonic
+) -> CircuitBreaker:
+    """The circuit breaker that `settings` describe."""
+    return CircuitBreaker(
+        failure_threshold=settings.circuit_failure_threshold,
+        open_interval_s=settings.circuit_open_s,
+        clock=clock,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    status: int | None
+    error: str | None
+    retryable: bool
+    retry_after_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Dispatcher:
+    """Sends decisions to the dispatch API, concurrently, with retries.
+
+    `client` is used as given and not closed here; without it the dispatcher
+    builds one (over `transport` if given) and closes it in `aclose()`.
+    Not bound to bytewax: any asyncio code can use it.
+
+    `render` adds a personalised `message` to each body. `breaker` defaults to
+    `make_breaker(settings)`; tests pass one on a fake clock and a `sleep` that
+    moves that clock. `wall_clock` (Unix seconds) stamps HMAC signatures.
+    """
+
+    def __init__(
+        self,
+        settings: DispatchSettings,
+        client: httpx.AsyncClient | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_failure: FailureCallback = raise_dispatch_error,
+        sleep: Sleep = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.perf_counter,
+        max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S,
+        render: Render | None = None,
+        breaker: CircuitBreaker | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if client is not None and transport is not None:
+            msg = "give either a client or a transport, not both"
+            raise ValueError(msg)
+        self._owns_client = client is None
+        self._client = client if client is not None else make_client(settings, transport)
+        self._url = settings.url.rstrip("/") + TRIGGER_PATH
+        self._timeout_s = settings.timeout_s
+        self._max_in_flight = settings.max_in_flight
+        self._max_attempts = settings.max_attempts
+        self._backoff_base_s = settings.backoff_base_s
+        self._backoff_max_s = settings.backoff_max_s
+        self._max_retry_after_s = max_retry_after_s
+        # Sent with every request, so it also applies to an injected client; never logged.
+        self._auth: dict[str, str] = (
+            {"Authorization": f"Bearer {settings.token.get_secret_value()}"}
+            if settings.token is not None
+            else {}
+        )
+        self._hmac_secret: bytes | None = (
+            settings.hmac_secret.get_secret_value().encode()
+            if settings.hmac_secret is not None
+            else None
+        )
+        self._render = render
+        self._breaker = breaker if breaker is not None else make_breaker(settings)
+        self._wall_clock = wall_clock
+        self._on_failure = on_failure
+        self._sleep = sleep
+        self._rand = rand
+        self._clock = clock
+        # A semaphore binds to the loop that first waits on it; keep one per loop.
+        self._semaphore: asyncio.Semaphore | None = None
+        self._semaphore_loop: asyncio.AbstractEventLoop | None = None
+        # Set (and replaced) whenever an attempt reports to the breaker: wakes the waiters.
+        self._circuit_changed = asyncio.Event()
+        # Tickets of the triggers waiting for the circuit, smallest first: the probe order.
+        self._tickets = itertools.count()
+        self._queue: list[int] = []
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
+
+    async def send_all(self, decisions: Sequence[Decision]) -> list[DispatchResult]:
+        """Send every dispatched decision; one result each, in input order.
+
+        Suppressed decisions are skipped and have no result. The failed ones are
+        handed to `on_failure` once all are done, in input order; if the callback
+        raises, the exception leaves here.
+        """
+        to_send = [decision for decision in decisions if decision.dispatched]
+        if not to_send:
+            return []
+        semaphore = self._loop_semaphore()
+        results = await asyncio.gather(*(self._send_one(d, semaphore) for d in to_send))
+        for decision, result in zip(to_send, results, strict=True):
+            if not result.ok:
+                logger.warning(
+                    "dispatch of %s failed after %d attempt(s): %s",
+                    result.trigger_id,
+                    result.attempts,
+                    result.error,
+                )
+                self._on_failure(decision, result)
+        return list(results)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Dispatcher:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _loop_semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._semaphore is None or self._semaphore_loop is not loop:
+            self._semaphore = asyncio.Semaphore(self._max_in_flight)
+            self._circuit_changed = asyncio.Event()
+            self._semaphore_loop = loop
+        return self._semaphore
+
+    async def _send_one(self, decision: Decision, semaphore: asyncio.Semaphore) -> DispatchResult:
+        trigger_id = decision.trigger.trigger_id
+        start = self._clock()
+        body = decision.dispatch_body()
+        if self._render is not None:
+            try:
+                body["message"] = self._render(decision)
+            except Exception as exc:  # a template or lookup problem: no retry can fix it
+                error = f"message not rendered: {_describe(exc)}"
+                return DispatchResult(trigger_id, False, None, 0, error, 0.0)
+        try:
+            content = orjson.dumps(body)
+        except orjson.JSONEncodeError as exc:
+            # Bad metadata never gets better: no attempt, straight to the failure path.
+            return DispatchResult(trigger_id, False, None, 0, f"body is not JSON: {exc}", 0.0)
+        attempts = 0
+        while True:
+            # Outside the semaphore: a trigger waiting for the circuit holds no slot,
+            # so the half-open probe always finds one.
+            await self._await_circuit()
+            attempts += 1
+            # The semaphore is held per attempt, not across backoff sleeps: a
+            # waiting retry must not keep a fresh trigger from being sent.
+            reported = False
+            try:
+                async with semaphore:
+                    attempt = await self._attempt(content, self._headers(trigger_id, content))
+                self._report(attempt)
+                reported = True
+            finally:
+                if not reported:  # cancelled mid-attempt: free the probe slot if it was ours
+                    self._breaker.release()
+            done = attempt.ok or not attempt.retryable or attempts >= self._max_attempts
+            if done:
+                latency_ms = (self._clock() - start) * 1000.0
+                return DispatchResult(
+                    trigger_id, attempt.ok, attempt.status, attempts, attempt.error, latency_ms
+                )
+            delay = self._backoff_s(attempts, attempt.retry_after_s)
+            logger.debug(
+                "dispatch of %s: attempt %d failed (%s); retrying in %.3f s",
+                trigger_id,
+                attempts,
+                attempt.error,
+                delay,
+            )
+            await self._sleep(delay)
+
+    def _headers(self, trigger_id: str, content: bytes) -> dict[str, str]:
+        headers = {
+            "Idempotency-Key": trigger_id,
+            "Content-Type": "application/json",
+            **self._auth,
+        }
+        if self._hmac_secret is not None:
+            # Signed per attempt: a retry after a long wait still has a fresh timestamp.
+            timestamp = str(int(self._wall_clock()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(self._hmac_secret, timestamp, content)
+        return headers
+
+    async def _await_circuit(self) -> None:
+        """Return once the breaker lets an attempt go; wait (never fail) while it is open.
+
+        Waiters queue in arrival order for the half-open probe, and a trigger whose
+        probe failed queues again at the back: while the API is down, every trigger
+        spends its attempts at the same pace instead of one using them all up.
+        """
+        initial = self._breaker.state
+        if initial is CircuitState.CLOSED:
+            return
+        ticket = next(self._tickets)
+        heapq.heappush(self._queue, ticket)
+        try:
+            while True:
+                state = self._breaker.state
+                if state is CircuitState.CLOSED:
+                    return
+                if state is CircuitState.HALF_OPEN and self._queue[0] != ticket:
+                    wait_s = math.inf  # not our turn to probe: wait for the probe's outcome
+                else:
+                    wait_s = self._breaker.acquire()
+                    if wait_s == 0.0:
+                        return
+                await self._wait_for_circuit(wait_s)
+        finally:
+            first = self._queue[0] == ticket
+            self._queue.remove(ticket)
+            heapq.heapify(self._queue)
+            if first:  # the next in line may be waiting for its turn
+                self._notify_circuit()
+
+    async def _wait_for_circuit(self, wait_s: float) -> None:
+        """Until the breaker changes, or `wait_s` passes (on the injected sleep)."""
+        changed = self._circuit_changed
+        if math.isinf(wait_s):
+            await changed.wait()
+            return
+        waiters = [
+            asyncio.ensure_future(changed.wait()),
+            asyncio.ensure_future(self._sleep(wait_s)),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    def _notify_circuit(self) -> None:
+        changed, self._circuit_changed = self._circuit_changed, asyncio.Event()
+        changed.set()
+
+    def _report(self, attempt: _Attempt) -> None:
+        """Tell the breaker how the API did, and wake whoever waits on it."""
+        before = self._breaker.state
+        if attempt.retryable:
+            self._breaker.record_failure()
+        elif attempt.status is not None:  # 2xx or a 4xx: the API is alive
+            self._breaker.record_success()
+        else:  # a bad URL or protocol: says nothing about the API's health
+            self._breaker.release()
+        after = self._breaker.state
+        if before is CircuitState.CLOSED and after is CircuitState.CLOSED:
+            return  # the common case: nobody can be waiting on a closed circuit
+        if after is not before:
+            if after is CircuitState.OPEN and before is CircuitState.CLOSED:
+                logger.warning(
+                    "dispatch API failing (%s): circuit open, waiting %.3g s between probes",
+                    attempt.error,
+                    self._breaker.open_interval_s,
+                )
+            elif after is CircuitState.CLOSED:
+                logger.warning("dispatch API answers again: circuit closed")
+        self._notify_circuit()
+
+    async def _attempt(self, content: bytes, headers: dict[str, str]) -> _Attempt:
+        try:
+            # httpx's timeout is per phase (connect, write, read); this bounds the whole attempt.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.post(
+                    self._url, content=content, headers=headers, timeout=self._timeout_s
+                )
+        except TimeoutError:
+            return _Attempt(None, f"timeout after {self._timeout_s} s", retryable=True)
+        except _RETRYABLE_TRANSPORT as exc:
+            return _Attempt(None, _describe(exc), retryable=True)
+        except httpx.HTTPError as exc:  # a bad URL or protocol: another try cannot help
+            return _Attempt(None, _describe(exc), retryable=False)
+        status = response.status_code
+        if 200 <= status < 300:
+            return _Attempt(status, None, retryable=False)
+        retryable = status == 429 or status >= 500
+        retry_after = self._retry_after_s(response) if retryable else None
+        return _Attempt(status, _http_error(response), retryable, retry_after)
+
+    def _backoff_s(self, attempts: int, retry_after_s: float | None) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2**(attempts-1))), unless the server said."""
+        if retry_after_s is not None:
+            return retry_after_s
+        exponent = min(attempts - 1, _MAX_BACKOFF_EXPONENT)
+        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2.0**exponent)
+        return self._rand() * ceiling
+
+    def _retry_after_s(self, response: httpx.Response) -> float | None:
+        # Only the delta-seconds form; an HTTP-date falls back to our own backoff.
+        raw = response.headers.get("Retry-After")
+        if raw is None:
+            return None
+        try:
+            seconds = float(raw)
+        except ValueError:
+            return None
+        if not math.isfinite(seconds) or seconds < 0:
+            return None
+        return min(seconds, self._max_retry_after_s)
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _http_error(response: httpx.Response) -> str:
+    """`HTTP 400: unknown channel`, using the API's `{"error": ...}` when it sent one."""
+    reason = response.text[:_ERROR_TEXT_LIMIT]
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            reason = body["error"]
+    return f"HTTP {response.status_code}: {reason}" if reason else f"HTTP {response.status_code}"
+
+
+@runtime_checkable
+class _Flushable(Protocol):
+    def flush(self, timeout: float) -> int: ...
+
+
+class _DispatchPartition(StatelessSinkPartition[Decision]):
+    """One worker's sink: one event loop, one client, for the partition's life."""
+
+    def __init__(
+        self,
+        dispatcher_factory: Callable[[httpx.AsyncClient, FailureCallback], Dispatcher],
+        client: httpx.AsyncClient,
+        on_failure: FailureCallback,
+        flush_timeout_s: float,
+    ) -> None:
+        # Created here, on the worker's thread, which is the thread that runs it.
+        self._loop = asyncio.new_event_loop()
+        self._client = client
+        self._on_failure = on_failure
+        self._flush_timeout_s = flush_timeout_s
+        self._dispatcher = dispatcher_factory(client, on_failure)
+
+    def write_batch(self, items: list[Decision]) -> None:
+        batch = [decision for decision in items if decision.dispatched]
+        if not batch:
+            return
+        results = self._loop.run_until_complete(self._dispatcher.send_all(batch))
+        answered = now_ms()
+        for decision, result in zip(batch, results, strict=True):
+            metrics.record_dispatch(decision, decision.cause, ok=result.ok,
+                                    attempts=result.attempts, answered_ms=answered)
+        # Dead letters must be durable before bytewax counts this batch as written.
+        if not all(result.ok for result in results):
+            self._flush_failures()
+
+    def close(self) -> None:
+        try:
+            self._loop.run_until_complete(self._client.aclose())
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._flush_failures()
+        finally:
+            self._loop.close()
+
+    def _flush_failures(self) -> None:
+        if isinstance(self._on_failure, _Flushable):
+            self._on_failure.flush(self._flush_timeout_s)
+
+
+class DispatchSink(DynamicSink[Decision]):
+    """Bytewax sink: every worker sends its own decisions to the dispatch API.
+
+    `client_factory` builds each partition's AsyncClient (default: `make_client`);
+    tests pass one over an `httpx.MockTransport`. `failure_factory` builds each
+    partition's failure callback (live mode: a `KafkaDeadLetterWriter`); the
+    default raises `DispatchError`, stopping the flow rather than losing a
+    trigger. A callback with a `flush(timeout)` method is flushed after every
+    batch that had a failure and at close.
+
+    `render_factory` builds each partition's `Render` (personalised `message`);
+    `breaker_factory` each partition's circuit breaker (default:
+    `make_breaker(settings)`). While a partition's breaker is open its
+    `write_batch` blocks: the flow back-pressures instead of dropping.
+    """
+
+    def __init__(
+        self,
+        settings: DispatchSettings,
+        *,
+        client_factory: ClientFactory | None = None,
+        failure_factory: Callable[[], FailureCallback] | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        flush_timeout_s: float = 10.0,
+        render_factory: Callable[[], Render] | None = None,
+        breaker_factory: Callable[[], CircuitBreaker] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._render_factory = render_factory
+        self._breaker_factory = breaker_factory
+        self._client_factory = client_factory
+        self._failure_factory = failure_factory
+        self._sleep = sleep
+        self._rand = rand
+        self._flush_timeout_s = flush_timeout_s
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DispatchPartition:
+        client = (
+            self._client_factory()
+            if self._client_factory is not None
+            else make_client(self._settings)
+        )
+        on_failure = (
+            self._failure_factory() if self._failure_factory is not None else raise_dispatch_error
+        )
+        return _DispatchPartition(self._dispatcher, client, on_failure, self._flush_timeout_s)
+
+    def _dispatcher(self, client: httpx.AsyncClient, on_failure: FailureCallback) -> Dispatcher:
+        return Dispatcher(
+            self._settings,
+            client,
+            on_failure=on_failure,
+            sleep=self._sleep,
+            rand=self._rand,
+            render=self._render_factory() if self._render_factory is not None else None,
+            breaker=self._breaker_factory() if self._breaker_factory is not None else None,
+        )
