@@ -164,10 +164,16 @@ def test_missing_idempotency_key_is_400(client: httpx.Client, log_path: Path) ->
     assert log_lines(log_path) == []
 
 
-def test_idempotency_key_must_match_trigger_id(client: httpx.Client) -> None:
-    response = post(client, make_decision().dispatch_body(), key="another-id")
+def test_idempotency_key_must_match_trigger_id(client: httpx.Client, log_path: Path) -> None:
+    body = make_decision().dispatch_body()
 
-    assert "does not match" in assert_error(response, 400)
+    response = post(client, body, key="another-id")
+
+    assert assert_error(response, 409) == "Idempotency-Key does not match trigger_id"
+    assert log_lines(log_path) == []
+    # refused, not stored under either id
+    assert client.get(f"/api/trigger/status/{body['trigger_id']}").status_code == 404
+    assert client.get("/api/trigger/status/another-id").status_code == 404
 
 
 def test_bad_json_is_400(client: httpx.Client) -> None:
@@ -549,7 +555,7 @@ def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -
     }
     error_ref = "#/components/schemas/ErrorBody"
     expected_errors = {
-        ("POST", "/api/trigger"): {"400", "401", "500"},
+        ("POST", "/api/trigger"): {"400", "401", "409", "500"},
         ("GET", "/api/trigger/status"): {"400", "401", "404", "500"},
         ("GET", "/api/trigger/status/{trigger_id}"): {"401", "404", "500"},
         ("POST", "/api/trigger/{trigger_id}/cancel"): {"401", "404", "409", "500"},

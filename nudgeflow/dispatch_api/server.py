@@ -1,6 +1,7 @@
 """The reference dispatch API (EVENTS.md §3): what the dispatch sink calls.
 
     POST   /api/trigger                          202 {"trigger_id", "status": accepted|scheduled}
+                                                 |400|409 (Idempotency-Key is not trigger_id)
     GET    /api/trigger/status?trigger_id=ID     200 {"trigger_id", "status"} | 404
     GET    /api/trigger/status/{trigger_id}      the same
     POST   /api/trigger/{trigger_id}/cancel      200 {"trigger_id", "status": "cancelled"}|404|409
@@ -10,8 +11,13 @@
 A trigger is remembered under its `Idempotency-Key` (`nudgeflow.dispatch_api.trigger_store`:
 in memory, or in Redis with `redis_url`, which survives a restart): a repeat of
 a key answers the first answer again and sends nothing new, the property the
-sink's retries rely on. Every first-time accepted trigger is also appended to a
-JSON-lines log (`--log FILE`), which demos and tests read.
+sink's retries rely on. The key is the trigger's id (EVENTS.md §3): a key that
+is not the body's `trigger_id` is refused with 409 and nothing is stored, since
+trusting either of the two would deduplicate by an id that may be the wrong
+one. JSON Schema cannot tie a header to a body field, so such a request is
+schema-valid; the document declares the 409 it gets. Every first-time accepted
+trigger is also appended to a JSON-lines log (`--log FILE`), which demos and
+tests read.
 
 Delivery. A trigger whose `send_at` is in the future is `scheduled`; the others
 are `accepted` and due at once. A scheduler thread claims what is due, sends
@@ -149,6 +155,27 @@ class ContactBody(BaseModel):
     push_token: str | None = None
 
 
+# The trigger id is also the Idempotency-Key header, so it must be a valid header value:
+# visible ASCII, which also survives the header's whitespace trimming unchanged.
+_ID_PATTERN: Final = r"^[!-~]+$"
+_ID_MAX_LENGTH: Final = 128
+_EXAMPLE_ID: Final = "9827cb4a-0de5-54ab-ae6f-71049ccafa7e"
+
+# One consistent request, in the document: the key is the body's trigger_id. Contract
+# testers (schemathesis's examples phase) send it, so the 202 path is always exercised.
+_EXAMPLE_TRIGGER: Final[dict[str, Any]] = {
+    "trigger_id": _EXAMPLE_ID,
+    "trigger_type": "cart_abandonment",
+    "user_id": "u1",
+    "fired_at": "2026-03-01T10:00:00Z",
+    "detected_at": "2026-03-01T10:00:00.012Z",
+    "segment": "vip",
+    "metadata": {"cart_value": 150.0},
+    "channel": "email",
+    "send_at": "2026-03-01T10:00:00Z",
+}
+
+
 class TriggerRequest(BaseModel):
     """The body of `POST /api/trigger`: a trigger (EVENTS.md §2) plus channel and send time.
 
@@ -156,10 +183,11 @@ class TriggerRequest(BaseModel):
     not taken for epoch seconds.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, json_schema_extra={"examples": [_EXAMPLE_TRIGGER]}
+    )
 
-    # Also the Idempotency-Key header, so it must be a valid header value: visible ASCII.
-    trigger_id: str = Field(min_length=1, max_length=128, pattern=r"^[!-~]+$")
+    trigger_id: str = Field(min_length=1, max_length=_ID_MAX_LENGTH, pattern=_ID_PATTERN)
     trigger_type: str = Field(min_length=1)
     user_id: str = Field(min_length=1, max_length=128)
     fired_at: Timestamp
@@ -186,15 +214,38 @@ class ErrorBody(BaseModel):
     error: str
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    described = {
-        400: "bad request: invalid JSON, a missing header or field, an unknown channel",
-        401: "missing or wrong credentials (bearer token, HMAC signature)",
-        404: "unknown trigger_id",
-        409: "the trigger is past the point where it can be cancelled",
-        500: "server fault; retry with backoff",
+_ERROR_DESCRIPTIONS: Final[Mapping[int, str]] = {
+    400: "bad request: invalid JSON, a missing or malformed header or field, an unknown channel",
+    401: "missing or wrong credentials (bearer token, HMAC signature)",
+    404: "unknown trigger_id",
+    409: "the trigger is past the point where it can be cancelled",
+    500: "server fault; retry with backoff",
+}
+
+_KEY_MISMATCH: Final = "Idempotency-Key does not match trigger_id"
+_KEY_CONFLICT: Final = "the Idempotency-Key is not the body's trigger_id"
+
+# Sent with the bearer token's 401 only (RFC 6750), so declared but not required.
+_WWW_AUTHENTICATE: Final[dict[str, Any]] = {
+    "WWW-Authenticate": {
+        "description": "`Bearer`, when the bearer token is missing or wrong",
+        "schema": {"type": "string"},
     }
-    return {code: {"model": ErrorBody, "description": described[code]} for code in codes}
+}
+
+
+def _errors(
+    *codes: int, described: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The error responses of an operation; `described` words a code for this operation."""
+    descriptions = {**_ERROR_DESCRIPTIONS, **(described or {})}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        response: dict[str, Any] = {"model": ErrorBody, "description": descriptions[code]}
+        if code == 401:
+            response["headers"] = _WWW_AUTHENTICATE
+        responses[code] = response
+    return responses
 
 
 # --- the scheduler -------------------------------------------------------------------------
@@ -438,15 +489,30 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
         _TRIGGER_PATH,
         status_code=202,
         response_model=TriggerStatus,
-        responses=_errors(400, 401, 500),
+        responses=_errors(400, 401, 409, 500, described={409: _KEY_CONFLICT}),
         summary="Accept a trigger for delivery (idempotent by Idempotency-Key)",
     )
     def post_trigger(
         body: TriggerRequest,
-        idempotency_key: Annotated[str, Header(alias="Idempotency-Key")],
+        idempotency_key: Annotated[
+            str,
+            Header(
+                alias="Idempotency-Key",
+                description=(
+                    "The body's `trigger_id`, exactly: a repeat of the key answers the first "
+                    f"answer again. Any other value is refused with 409 ({_KEY_MISMATCH})."
+                ),
+                min_length=1,
+                max_length=_ID_MAX_LENGTH,
+                pattern=_ID_PATTERN,
+                examples=[_EXAMPLE_ID],
+            ),
+        ],
     ) -> TriggerStatus:
         if idempotency_key != body.trigger_id:
-            raise StarletteHTTPException(400, "Idempotency-Key does not match trigger_id")
+            # 409, not 400: the request is well formed (no schema can tie a header to a body
+            # field); its two names for the trigger conflict. A 4xx: the sink does not retry.
+            raise StarletteHTTPException(409, _KEY_MISMATCH)
         now = clock()
         scheduled = body.send_at is not None and body.send_at > now
         status: Status = "scheduled" if scheduled else "accepted"
