@@ -6,43 +6,76 @@ import os
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
+from confluent_kafka import Producer
 
 from nudgeflow.app.samples import SampleSpec, generate_profiles
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import NO_PROFILE, Profile, profile_from_mapping
 from nudgeflow.core.rules import RulesConfig
-from nudgeflow.operators.detector import Detector
+from nudgeflow.core.stream_clock import StreamClock
+from nudgeflow.operators.detector import Detector, UserState
+
+# Longer than any live test runs: a bound on how far the wall clock moves a partition's
+# stream clock past its last event while a test waits.
+WAIT_BOUND_MS = 15 * 60_000
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition the tests produce a key to (explicitly: the expectation needs to know)."""
+    return zlib.crc32(key) % partitions
 
 
 def expected_dispatched(
     lines: list[bytes], profiles: dict[str, Profile], rules: RulesConfig,
-    quiet_ms: int | None = None,
+    quiet_ms: int | None = None, partitions: int = 1,
 ) -> set[str]:
-    """Trigger ids the detector dispatches for this arrival order (what a replay decides).
+    """Trigger ids the live flow dispatches for these messages (what a replay decides).
 
-    `quiet_ms` lets every user's time run on that far after their last event, as
-    the wall clock does in live mode while a test waits.
+    Each partition has its own stream clock (TRIGGERS.md "Time"), so the lines
+    are replayed partition by partition, as `partition_of` places them; with
+    one partition this is exactly `nudgeflow replay`'s line-by-line reading,
+    without its end-of-input decisions. `quiet_ms` lets every partition's clock
+    run on that far past its largest `ts`, as the wall clock does in live mode
+    while a test waits (past timestamps: the clock is far behind the wall).
     """
     detector = Detector(rules)
-    states: dict[str, Any] = {}
+    states: dict[str, UserState] = {}
+    clocks = [StreamClock() for _ in range(partitions)]
     dispatched: set[str] = set()
     for raw in lines:
         event = decode_event(raw)
         if not isinstance(event, Event):
             continue
+        clock = clocks[partition_of(event.user_id.encode(), partitions)]
         state = states.setdefault(event.user_id, detector.new_user(event.user_id))
-        _, decisions = detector.process(state, event, profiles.get(event.user_id, NO_PROFILE))
+        _, decisions = detector.process(
+            state, event, profiles.get(event.user_id, NO_PROFILE),
+            stream=clock.read(event.ts, None),
+        )
         dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
     if quiet_ms is not None:
-        for state in states.values():
-            decisions = detector.advance(state, state.admission.max_ts + quiet_ms)
+        for user_id, state in states.items():
+            stream = clocks[partition_of(user_id.encode(), partitions)].now(None)
+            assert stream is not None
+            decisions = detector.advance(state, stream + quiet_ms)
             dispatched.update(d.trigger.trigger_id for d in decisions if d.dispatched)
     return dispatched
+
+
+def produce_by_partition(
+    producer: Producer, topic: str, messages: Iterable[tuple[bytes, bytes]], partitions: int
+) -> None:
+    """Produce (key, value) pairs to the partitions `partition_of` names, in order."""
+    for key, value in messages:
+        producer.produce(topic, value=value, key=key, partition=partition_of(key, partitions))
+    assert producer.flush(30) == 0
 
 
 def load_sample_profiles(client: redis.Redis, spec: SampleSpec) -> dict[str, Profile]:

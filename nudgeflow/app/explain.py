@@ -20,6 +20,7 @@ from nudgeflow.core.profiles import NO_PROFILE, load_profiles
 from nudgeflow.core.recording import iter_input_lines
 from nudgeflow.core.rules import load_rules
 from nudgeflow.core.settings import DEFAULT_RULES
+from nudgeflow.core.stream_clock import StreamClock
 from nudgeflow.core.timeutil import format_ms
 from nudgeflow.core.triggers import Decision
 from nudgeflow.flows.replay import input_end
@@ -66,6 +67,7 @@ def explain_user(
     counts = {"applied": 0, "duplicate": 0, "late": 0, "invalid": 0}
     body: list[str] = []
     last_notes: dict[str, str] = {}  # latest note per rule: the verdict of one that never fired
+    stream = StreamClock()  # every user's lines move it, as in the replay flow
     for number, raw in iter_input_lines(events):
         opened = open_envelope(raw, Origin(line=number))
         if isinstance(opened, DeadLetter):
@@ -74,16 +76,20 @@ def explain_user(
                 body.append(f"line {number}: not an event: {opened.reason}")
             continue
         event = opened.event
+        stamp = stream.read(event.ts, None)
         if event.user_id != user_id:
             continue
         trace.clear()
-        verdict, decisions = detector.process(state, event, profile, trace=trace)
+        verdict, decisions = detector.process(state, event, profile, trace=trace, stream=stamp)
         counts[verdict.value] += 1
         head = f"{format_ms(event.ts)}  line {number}  {_describe(event)}"
         if verdict is not Admit.APPLY:
             why = ("repeats an event_id seen within 24 h" if verdict is Admit.DUPLICATE
-                   else f"below the watermark {format_ms(state.admission.watermark or 0)}")
+                   else f"below the user's clock minus the lateness "
+                        f"{format_ms(state.admission.watermark or 0)}")
             body.append(f"{head}  -> {verdict.value}: {why}, not applied")
+            body.extend(_story(trace, last_notes))
+            _tally(fired, decisions)
             continue
         body.append(head)
         body.extend(_story(trace, last_notes))

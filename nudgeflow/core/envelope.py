@@ -13,6 +13,7 @@ import orjson
 
 from nudgeflow.core.events import Event, Rejection, decode_event
 from nudgeflow.core.profiles import Profile
+from nudgeflow.core.stream_clock import StreamStamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,23 +31,37 @@ class Origin:
             return {"line": self.line}
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
+    @property
+    def source(self) -> str:
+        """The input partition this came from: whose stream clock it carries."""
+        return "lines" if self.topic is None else f"{self.partition}-{self.topic}"
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A valid event with its origin, raw bytes, the profile known for its user, arrival time."""
+    """A valid event with its origin, raw bytes, the profile known for its user, arrival time.
+
+    `stream` is the stream clock of the partition it was read from, just before
+    and just after it was read (TRIGGERS.md "Time"); None where no reader kept one.
+    """
 
     event: Event
     raw: bytes
     origin: Origin
     profile: Profile | None = None
     arrived_ms: int | None = None  # wall clock when the source read it (live only)
+    stream: StreamStamp | None = None
+    key: bytes | None = None  # the Kafka key that came with it (a late one's dead letter keeps it)
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Bytes that could not be applied, why, and where they came from."""
+    """Bytes that could not be applied, why, and where they came from.
 
-    raw: bytes
+    `raw` and `key` are what arrived: `None` for a tombstone's null value.
+    """
+
+    raw: bytes | None
     origin: Origin
     reason: str
     key: bytes | None = None
@@ -54,6 +69,9 @@ class DeadLetter:
     def to_json(self) -> dict[str, Any]:
         out = self.origin.to_json()
         out["reason"] = self.reason
+        if self.raw is None:
+            out["raw"] = None
+            return out
         try:
             out["raw"] = self.raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -65,11 +83,16 @@ class DeadLetter:
         return orjson.dumps(self.to_json())
 
 
+TOMBSTONE_REASON = "null value (a tombstone): not an event"
+
+
 def open_envelope(
-    raw: bytes, origin: Origin, arrived_ms: int | None = None, key: bytes | None = None
+    raw: bytes | None, origin: Origin, arrived_ms: int | None = None, key: bytes | None = None
 ) -> Envelope | DeadLetter:
     """Decode raw bytes into an `Envelope`, or a `DeadLetter` with the rejection's reason."""
+    if raw is None:
+        return DeadLetter(None, origin, TOMBSTONE_REASON, key)
     decoded = decode_event(raw)
     if isinstance(decoded, Rejection):
         return DeadLetter(raw, origin, decoded.reason, key)
-    return Envelope(decoded, raw, origin, None, arrived_ms)
+    return Envelope(decoded, raw, origin, None, arrived_ms, key=key)

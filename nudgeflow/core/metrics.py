@@ -164,6 +164,11 @@ class Metrics:
             "nudgeflow_redis_outages", "Times profile lookups found Redis down and waited",
             registry=registry,
         )
+        self.key_mismatches = Counter(
+            "nudgeflow_key_mismatches",
+            "Events applied although their Kafka key is not their user_id (EVENTS.md 1)",
+            ["topic", "partition"], registry=registry,
+        )
         self._outcomes = {name: self.events.labels(name) for name in EVENT_OUTCOMES}
 
     def record_event_outcome(self, outcome: str, count: int = 1) -> None:
@@ -172,6 +177,9 @@ class Metrics:
         if child is None:
             child = self._outcomes[outcome] = self.events.labels(outcome)
         child.inc(count)
+
+    def record_key_mismatch(self, topic: str, partition: int) -> None:
+        self.key_mismatches.labels(topic, str(partition)).inc()
 
     def record_dead_letter(self, reason: str) -> None:
         """A message went to the dead-letter topic. Free-text reasons count as `invalid`."""

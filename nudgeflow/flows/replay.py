@@ -5,8 +5,10 @@
                                                                    ├─ late ──────► dead letters
                                                                    └─ tallies ───► counts
 
-Replay mode has no wall clock: time is the events' `ts`, and after the last
-line every timer due by the input's largest `ts` is decided (`end_bound`).
+Replay mode has no wall clock: the stream clock is the largest `ts` of the
+valid lines read so far (stamped on each event where the lines are read, so
+it is the same for any number of workers), and after the last line every
+timer due by the input's largest `ts` is decided (`end_bound`).
 Both output files are written sorted, so the result is the same for any
 number of workers or processes. The flow is a factory, so
 
@@ -19,6 +21,7 @@ runs it as a 2-process cluster.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.detect import Emitted, Tally, detect
 from nudgeflow.operators.detector import Detector
 from nudgeflow.sinks.files import SortedJsonlSink, TallySink
+from nudgeflow.sources.stamped import StampedSource
 
 BATCH_SIZE = 1000
 
@@ -80,6 +84,10 @@ class EventLinesSource(FixedPartitionedSource[tuple[int, bytes], int]):
         self, step_id: str, for_part: str, resume_state: int | None
     ) -> _LinesPartition:
         return _LinesPartition(self._path, resume_state or 0)
+
+
+def _open_line(item: tuple[int, bytes], _now: int | None) -> Envelope | DeadLetter:
+    return open_envelope(item[1], Origin(line=item[0]))
 
 
 def input_end(path: Path) -> int | None:
@@ -150,8 +158,8 @@ def build_replay_flow(
         path.write_bytes(b"")
 
     flow = Dataflow("nudgeflow_replay")
-    lines = op.input("lines", flow, EventLinesSource(events_path))
-    opened = op.map("decode", lines, lambda item: open_envelope(item[1], Origin(line=item[0])))
+    # Opened and stamped with the stream clock where the lines are read, in line order.
+    opened = op.input("lines", flow, StampedSource(EventLinesSource(events_path), _open_line))
     split = op.branch("valid", opened, lambda x: isinstance(x, Envelope))
     valid: Any = split.trues
     invalid: Any = split.falses
@@ -159,8 +167,7 @@ def build_replay_flow(
     keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
 
     def with_profile(envelope: Envelope) -> Envelope:
-        profile = known.get(envelope.event.user_id, NO_PROFILE)
-        return Envelope(envelope.event, envelope.raw, envelope.origin, profile)
+        return dataclasses.replace(envelope, profile=known.get(envelope.event.user_id, NO_PROFILE))
 
     enriched = op.map_value("profile", keyed, with_profile)
     detected = detect("detect", enriched, detector, end_bound=end_bound)

@@ -5,10 +5,13 @@
                                     DetectOut.tallies    (user_id, Tally)        replay, at EOF
 
 Built on `stateful_batch` with `notify_at` (not on `EventClock` windows, whose
-busy-loop is bytewax bug #578). In replay mode time is only event time and
-`on_eof` decides the timers up to the input's end; in live mode the watermark
-also advances with the wall clock while a user is quiet, so a silent user's
-timer is decided within a second of its deadline.
+busy-loop is bytewax bug #578). Each envelope carries the stream clock of the
+partition it was read from (`Envelope.stream`); in replay that is all the time
+there is, and `on_eof` decides the timers up to the input's end. In live mode
+a quiet user's watermark also moves with their partition's stream clock,
+read from `PartitionClocks` when the partition is read in this process, and
+otherwise extended from the user's last stamp at the wall clock's pace (never
+ahead of the true clock), so a silent user's timer is decided within a second.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from nudgeflow.core.envelope import DeadLetter, Envelope
 from nudgeflow.core.metrics import Cause, metrics
+from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.detector import Detector, UserState
@@ -62,10 +66,17 @@ class DetectOut:
 
 
 class LiveClock:
-    """The wall clock of live mode, injectable for tests."""
+    """The wall clock of live mode (injectable for tests) and the partitions' stream clocks."""
 
-    def __init__(self, now_ms: Callable[[], int]) -> None:
+    # While a partition is read faster than real time (a backlog), a quiet user's
+    # timer may come due sooner than the wall clock's pace says: look again this often.
+    CATCH_UP_POLL_MS = 500
+
+    def __init__(
+        self, now_ms: Callable[[], int], partitions: PartitionClocks | None = None
+    ) -> None:
         self.now_ms = now_ms
+        self.partitions = partitions or PartitionClocks()
 
 
 class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
@@ -80,7 +91,8 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         self.user = state
         self.clock = clock
         self.end_bound = end_bound
-        self.last_arrival: int | None = None  # wall ms of the user's last event (live)
+        self.last_arrival: int | None = None  # wall ms of the user's last applied event (live)
+        self.source: str | None = None  # the input partition of the user's last event (live)
         self.counts = [0, 0, 0]
 
     def on_batch(self, values: list[Envelope]) -> tuple[Iterable[Output], bool]:
@@ -91,44 +103,56 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             user = self.user
             if user is None:
                 user = self.user = detector.new_user(envelope.event.user_id)
-            verdict, decisions = detector.process(user, envelope.event, envelope.profile, now)
+            verdict, decisions = detector.process(
+                user, envelope.event, envelope.profile, now, stream=envelope.stream
+            )
             if now is not None:  # live: count, and carry each decision's cause for latency
                 metrics.record_event_outcome(verdict.value)
                 decisions = metrics.traced(decisions, Cause.of_event(
                     envelope.arrived_ms, envelope.origin.timestamp_ms))
             if verdict is Admit.APPLY:
                 self.counts[0] += 1
-                self.last_arrival = now
+                self.last_arrival = envelope.arrived_ms if envelope.arrived_ms is not None else now
+                self.source = envelope.origin.source
             elif verdict is Admit.DUPLICATE:
                 self.counts[1] += 1
-                continue
             else:
                 self.counts[2] += 1
-                out.append(DeadLetter(envelope.raw, envelope.origin, "late", None))
-                continue
+                out.append(DeadLetter(envelope.raw, envelope.origin, "late", envelope.key))
             cause = envelope.origin.line if envelope.origin.line is not None else 0
             out.extend(
                 Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions)
             )
         return out, self._discard()
 
+    def _stream_now(self, user: UserState, now: int) -> int | None:
+        """The best lower bound of the user's partition's stream clock at wall time `now`."""
+        own = None
+        if user.stream_at is not None and self.last_arrival is not None:
+            own = min(now, user.stream_at + max(0, now - self.last_arrival))
+        reading = None
+        if self.clock is not None and self.source is not None:
+            reading = self.clock.partitions.get(self.source)
+        if reading is None:
+            return own
+        shared = reading.at(now)
+        return shared if own is None else max(own, shared)
+
     def on_notify(self) -> tuple[Iterable[Output], bool]:
         user, clock = self.user, self.clock
-        if user is None or clock is None or self.last_arrival is None:
-            return [], self._discard()
-        max_ts = user.admission.max_ts
-        if max_ts is None:
+        if user is None or clock is None or user.admission.max_ts is None:
             return [], self._discard()
         now = clock.now_ms()
-        # As if an event had arrived with ts = previous max ts + wall time since the last one.
-        virtual = max_ts + (now - self.last_arrival)
+        stream = self._stream_now(user, now)
+        if stream is None:
+            return [], self._discard()
+        max_ts = user.admission.max_ts
         delayed = set(user.pending_sends)
         decisions = metrics.traced_timers(
-            self.detector.advance(user, virtual, now),
-            lateness_ms=self.detector.lateness, last_arrival_ms=self.last_arrival,
+            self.detector.advance(user, stream, now, forget=True),
+            lateness_ms=self.detector.lateness, last_arrival_ms=self.last_arrival or now,
             max_ts_ms=max_ts, delayed=delayed,
         )
-        self.last_arrival = now
         return [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)], self._discard()
 
     def on_eof(self) -> tuple[Iterable[Output], bool]:
@@ -147,21 +171,24 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
 
     def notify_at(self) -> datetime | None:
         user, clock = self.user, self.clock
-        if user is None or clock is None or self.last_arrival is None:
+        if user is None or clock is None or user.admission.max_ts is None:
             return None
-        max_ts = user.admission.max_ts
-        if max_ts is None:
+        now = clock.now_ms()
+        stream = self._stream_now(user, now)
+        if stream is None:
             return None
-        deadline = self.detector.next_deadline(user)
-        if deadline is not None:
-            # Due once the watermark (max_ts - lateness) is strictly past the deadline.
-            wake_ts = deadline + self.detector.lateness + 1
-        else:
-            expiry = self.detector.expires_at(user)
-            if expiry is None:
+        due = self.detector.stream_due(user)
+        if due is None:
+            # Wake once the user has been quiet past the horizon, to forget them; a
+            # user whose state outlives that (an nth_event count) is not woken again.
+            due = self.detector.stream_expiry(user)
+            if due is None or due <= stream:
                 return None
-            wake_ts = expiry
-        return ms_to_datetime(self.last_arrival + max(0, wake_ts - max_ts))
+        wake = now + max(0, due - stream)
+        reading = clock.partitions.get(self.source) if self.source is not None else None
+        if reading is not None and reading.catching_up(now):
+            wake = min(wake, now + clock.CATCH_UP_POLL_MS)
+        return ms_to_datetime(wake)
 
     def _discard(self) -> bool:
         user = self.user
@@ -169,7 +196,9 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
 
     def snapshot(self) -> bytes:
         # Pickled bytes are an immutable copy, as bytewax requires of snapshots.
-        return pickle.dumps((self.user, self.last_arrival), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(
+            (self.user, self.last_arrival, self.source), protocol=pickle.HIGHEST_PROTOCOL
+        )
 
 
 def detect(
@@ -185,10 +214,13 @@ def detect(
     def builder(resume: bytes | None) -> _DetectLogic:
         state: UserState | None = None
         last_arrival: int | None = None
+        source: str | None = None
         if resume is not None:
-            state, last_arrival = pickle.loads(resume)  # our own snapshot, never outside input
+            # our own snapshot, never outside input
+            state, last_arrival, source = pickle.loads(resume)
         logic = _DetectLogic(detector, state, clock, end_bound)
         logic.last_arrival = last_arrival
+        logic.source = source
         return logic
 
     outputs: KeyedStream[Any] = op.stateful_batch(step_id, up, builder)

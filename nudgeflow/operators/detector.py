@@ -4,13 +4,16 @@
 user's data (picklable, snapshotted by the bytewax wrapper). The detector
 applies TRIGGERS.md "Time" to the letter:
 
-1. admission: duplicate (24 h of event time), then late (below the watermark);
-2. an applied event updates the cart and the sessions, cancels delayed sends it
+1. with the stream clock as it stood before the event was read, the user's
+   timers with deadline < watermark (`c + (S - S0) - L`) are decided;
+2. admission: duplicate (24 h of event time), then late (below `c - L`: the
+   user's own clock, never the stream's);
+3. an applied event updates the cart and the sessions, cancels delayed sends it
    cancels, and is shown to every rule in the rules' order (rules whose
    condition becomes true fire at once);
-3. then every pending timer with deadline < watermark is decided, in order of
-   deadline and then rule order; deciding one may set others, which obey the
-   same bound.
+4. then every pending timer with deadline < watermark (now `c - L`) is
+   decided, in order of deadline and then rule order; deciding one may set
+   others, which obey the same bound.
 
 Each detected trigger goes through the policies at once and comes out as a
 `Decision`, except a delayed send, which is held as a timer until it is due or
@@ -36,6 +39,7 @@ from nudgeflow.core.rules import (
     SessionCloseRule,
     ThresholdRule,
 )
+from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
 from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
 from nudgeflow.operators.cart import Cart
@@ -76,6 +80,8 @@ class UserState:
     pending_sends: dict[str, tuple[Decision, int]] = field(default_factory=dict)
     profile: Profile = NO_PROFILE
     pruned_at: int | None = None
+    # S0: the stream clock just after the user's latest applied event (None: no stream clock)
+    stream_at: int | None = None
     # events per hour and per day (tumbling, event time): features for an intent model
     hourly: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_HOUR))
     daily: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_DAY))
@@ -232,32 +238,77 @@ class Detector:
         event: Event,
         profile: Profile | None = None,
         now: int | None = None,
+        *,
         trace: Trace | None = None,
+        stream: StreamStamp | None = None,
     ) -> tuple[Admit, list[Decision]]:
         """Admit one arriving event and apply it; return its fate and the decisions it caused.
 
-        `now` is the wall clock in live mode (it becomes `detected_at`); replay
-        passes None and the user's event time stands in for it.
+        The decisions include those of timers the stream clock made due before
+        the event (step 1), whatever the event's own fate. `now` is the wall
+        clock in live mode (it becomes `detected_at`); replay passes None and
+        the stream clock stands in for it (the user's clock without one).
         """
         if profile is not None:
             user.profile = profile
         self._prune(user)
+        out: list[Decision] = []
+        if stream is not None and stream.before is not None:
+            out = self.advance(user, stream.before, now, trace)
         verdict = user.admission.admit(event.event_id, event.ts)
         if verdict is not Admit.APPLY:
-            return verdict, []
-        step = Step(self, user, now if now is not None else self._event_clock(user), trace)
+            return verdict, out
+        if stream is not None:
+            user.stream_at = stream.after
+        clock = self._event_clock(user)
+        if now is None and stream is not None and stream.after is not None:
+            now = stream.after
+        step = Step(self, user, clock if now is None else now, trace, event_clock=clock)
         self._apply(step, event)
         self._decide(step, self._watermark(user), inclusive=False)
-        return verdict, step.out
+        out.extend(step.out)
+        return verdict, out
 
-    def advance(self, user: UserState, ts: int, now: int | None = None) -> list[Decision]:
-        """Live mode: time moved to `ts` with no event (the wall clock, while input is quiet)."""
-        self._prune(user)
-        user.admission.advance(ts)
-        step = Step(self, user, now if now is not None else self._event_clock(user))
-        self._decide(step, self._watermark(user), inclusive=False)
-        self._prune(user)
+    def advance(
+        self,
+        user: UserState,
+        stream: int,
+        now: int | None = None,
+        trace: Trace | None = None,
+        *,
+        forget: bool = False,
+    ) -> list[Decision]:
+        """The stream clock is at `stream`: decide the user's timers its watermark passed.
+
+        Live mode calls it while the user is quiet; both modes call it before
+        each of the user's events (with the clock as it stood before that event).
+        With `forget` (live mode, quiet users only), a user quiet for longer than
+        the horizon of stream time is pruned as far as the stream clock took them.
+        """
+        if user.admission.max_ts is None:
+            return []
+        user_now = self.user_clock(user, stream)
+        step = Step(self, user, stream if now is None else now, trace, event_clock=user_now)
+        self._decide(step, user_now - self.lateness, inclusive=False)
+        if forget and user_now - self._event_clock(user) > self.horizon:
+            # Quiet for longer than any rule looks back: forgotten, so a live flow's
+            # memory is bounded by its active users. The price is exactness for a device
+            # whose clock lags the stream by more than the horizon (README "Time,
+            # exactly"); replay, whose clock a future-stamped line can move by weeks,
+            # never forgets, so no user's device can make another user forgotten.
+            self._prune(user, user_now - self.lateness)
         return step.out
+
+    def user_clock(self, user: UserState, stream: int | None) -> int:
+        """`c + (S - S0)`: the user's clock moved on by the stream clock since their last event.
+
+        A stream clock behind `S0` (read again from an earlier offset after a
+        restart) moves nothing: the user's clock never goes back.
+        """
+        clock = self._event_clock(user)
+        if stream is None or user.stream_at is None:
+            return clock
+        return clock + max(0, stream - user.stream_at)
 
     def finish(self, user: UserState, end: int, trace: Trace | None = None) -> list[Decision]:
         """Replay's end: decide every timer with deadline <= `end` (the input's largest ts)."""
@@ -274,6 +325,23 @@ class Detector:
     def next_deadline(self, user: UserState) -> int | None:
         """The watermark past which the user's next timer is due, or None."""
         return user.timers.next_deadline()
+
+    def stream_due(self, user: UserState) -> int | None:
+        """The stream clock at which the user's next timer is due (their watermark past it)."""
+        deadline = user.timers.next_deadline()
+        if deadline is None:
+            return None
+        return self._stream_for(user, deadline + self.lateness + 1)
+
+    def stream_expiry(self, user: UserState) -> int | None:
+        """The stream clock at which the user has been quiet for longer than the horizon."""
+        clock = user.admission.max_ts
+        return None if clock is None else self._stream_for(user, clock + self.horizon + 1)
+
+    def _stream_for(self, user: UserState, user_clock: int) -> int:
+        """The stream clock `S` at which `c + (S - S0)` reaches `user_clock`."""
+        anchor = user.stream_at if user.stream_at is not None else self._event_clock(user)
+        return anchor + max(0, user_clock - self._event_clock(user))
 
     def expires_at(self, user: UserState) -> int | None:
         """The `max_ts` past which nothing of this user can matter, or None if never seen."""
@@ -308,17 +376,18 @@ class Detector:
         max_ts = user.admission.max_ts
         return 0 if max_ts is None else max_ts
 
-    def _prune(self, user: UserState) -> None:
-        # Before admission the watermark is at most every future decision time, so
-        # what lies behind it can be dropped exactly. Pruning once per event-time
-        # minute keeps the cost off the per-event path.
-        watermark = user.admission.watermark
+    def _prune(self, user: UserState, watermark: int | None = None) -> None:
+        # `c - L` is at most every future decision time and every future applied
+        # `ts`, so what lies behind it can be dropped exactly. Pruning once per
+        # event-time minute keeps the cost off the per-event path.
+        if watermark is None:
+            watermark = user.admission.watermark
         if watermark is None:
             return
         if user.pruned_at is not None and watermark < user.pruned_at + 60_000:
             return
         user.pruned_at = watermark
-        user.admission.prune()
+        user.admission.prune(watermark)
         user.policy.prune(watermark)
         for logic, state in zip(self.logics, user.rule_states, strict=True):
             if state is not None:

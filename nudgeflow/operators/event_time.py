@@ -4,10 +4,11 @@ Plain logic, no bytewax import; `nudgeflow.operators.detect` wraps it. All times
 epoch milliseconds of event time. The rules it implements are TRIGGERS.md
 "Time" and "Precise readings":
 
-- the watermark is the largest applied `ts` minus the allowed lateness;
-- an event below the watermark is late (equal is not);
-- a timer with deadline `D` is decided once the watermark is *strictly* past
-  `D`, in order of `D` and then of the rules' order;
+- an event below the user's clock (largest applied `ts`) minus the allowed
+  lateness is late (equal is not); the stream clock never makes anyone late;
+- a timer with deadline `D` is decided once the watermark (that bound, moved
+  on by the stream clock, `operators.detector`) is *strictly* past `D`, in
+  order of `D` and then of the rules' order;
 - an `event_id` seen for the user within 24 h of event time is a duplicate,
   checked before lateness.
 """
@@ -94,13 +95,10 @@ class Admission:
         except ValueError:
             return None
 
-    def advance(self, ts: int) -> None:
-        """Move time as if an event with this `ts` had been applied (live wall-clock ticks)."""
-        if self.max_ts is None or ts > self.max_ts:
-            self.max_ts = ts
-
-    def prune(self) -> None:
-        watermark = self.watermark
+    def prune(self, watermark: int | None = None) -> None:
+        """Forget ids whose `ts` is `retention_ms` behind `watermark` (default: `c - L`)."""
+        if watermark is None:
+            watermark = self.watermark
         if watermark is None or not self._seen_ts:
             return
         horizon = watermark - self.retention_ms

@@ -9,7 +9,14 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory
-from live_helpers import expected_dispatched, load_sample_profiles, start_flow, wait_for_ids
+from live_helpers import (
+    WAIT_BOUND_MS,
+    expected_dispatched,
+    load_sample_profiles,
+    produce_by_partition,
+    start_flow,
+    wait_for_ids,
+)
 
 from nudgeflow.app.samples import SampleSpec, generate_lines
 from nudgeflow.core.rules import load_rules
@@ -30,13 +37,16 @@ def test_two_processes_on_six_partitions_dispatch_what_one_worker_decides(
     spec = SampleSpec(users=300, hours=3.0, seed=5)
     sample = list(generate_lines(spec))
     profiles = load_sample_profiles(redis_client, spec)
-    expected = expected_dispatched([s.data for s in sample], profiles, load_rules(DEFAULT_RULES))
+    lines = [s.data for s in sample]
+    rules = load_rules(DEFAULT_RULES)
+    expected = expected_dispatched(lines, profiles, rules, partitions=6)
+    # Past timestamps: once the topic is read, each partition's clock runs on with the
+    # wall clock, so timers due after its last event may fire while the test waits.
+    at_most = expected_dispatched(lines, profiles, rules, quiet_ms=WAIT_BOUND_MS, partitions=6)
     assert len(expected) > 50
 
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
-    for line in sample:
-        producer.produce(topic, value=line.data, key=line.user_id.encode())
-    assert producer.flush(30) == 0
+    produce_by_partition(producer, topic, ((s.user_id.encode(), s.data) for s in sample), 6)
 
     cluster = start_flow(kafka_bootstrap, topic, api_url, redis_url, "--processes", "2")
     try:
@@ -44,5 +54,5 @@ def test_two_processes_on_six_partitions_dispatch_what_one_worker_decides(
     finally:
         cluster.send_signal(signal.SIGTERM)
         _, err = cluster.communicate(timeout=60)
-    assert set(received) == expected, err.decode(errors="replace")[-2000:]
+    assert expected <= set(received) <= at_most, err.decode(errors="replace")[-2000:]
     assert len(received) == len(set(received))

@@ -19,7 +19,13 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
-from live_helpers import expected_dispatched, read_api_log, start_flow, wait_for_ids
+from live_helpers import (
+    expected_dispatched,
+    produce_by_partition,
+    read_api_log,
+    start_flow,
+    wait_for_ids,
+)
 
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import RulesConfig, parse_rules
@@ -92,7 +98,9 @@ def test_live_flow_dispatches_exactly_the_detected_triggers(
     tmp_path: Path,
 ) -> None:
     api_url, api_log = dispatch_api
-    events_topic = make_topic(partitions=3, prefix="events")
+    # History on partitions 0-2; the quiet user alone on 3, since their event, stamped
+    # now, moves their partition's stream clock to now (every user's there).
+    events_topic = make_topic(partitions=4, prefix="events")
     dlq_topic = make_topic(partitions=1, prefix="dlq")
     decisions_topic = make_topic(partitions=1, prefix="decisions")
     rules_file = tmp_path / "rules.yaml"
@@ -119,17 +127,16 @@ def test_live_flow_dispatches_exactly_the_detected_triggers(
     )
     try:
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
-        for key, value in messages:
-            producer.produce(events_topic, value=value, key=key)
-        producer.flush(30)
-        expected = expected_dispatched(history, profiles, load_rules_text(RULES), quiet_ms=60_000)
+        produce_by_partition(producer, events_topic, messages, 3)
+        expected = expected_dispatched(history, profiles, load_rules_text(RULES), quiet_ms=60_000,
+                                       partitions=3)
         wait_for_ids(api_log, expected, timeout_s=60)
         # The flow is up and caught up. A quiet user whose cart timer only the wall
         # clock can decide; the producer is warm, so the event leaves now.
         produced_at = datetime_to_ms_now()
         quiet = _event("quiet-a", "quiet", "add_to_cart", format_ms(produced_at),
                        product_id="p1", price=5.0)
-        producer.produce(events_topic, value=quiet, key=b"quiet")
+        producer.produce(events_topic, value=quiet, key=b"quiet", partition=3)
         assert producer.flush(30) == 0
         deadline = time.monotonic() + 30
         while not any(r["user_id"] == "quiet" for r in read_api_log(api_log)):

@@ -63,6 +63,7 @@ def test_late_and_invalid_lines_of_the_user_are_shown(
         event(2, "page_view", T0),
         event(3, "add_to_cart", T0 + 11 * MIN),
     ], capsys)
-    assert "-> late: below the watermark 2026-03-01T10:09:30Z, not applied" in out
+    assert ("-> late: below the user's clock minus the lateness 2026-03-01T10:09:30Z, "
+            "not applied") in out
     assert "line 3: not an event: missing field 'product_id'" in out
     assert "events: 1 applied, 0 duplicate, 1 late, 1 invalid" in out
