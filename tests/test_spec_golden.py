@@ -4,7 +4,9 @@ Each test builds a small stream (times as offsets from T0), runs it through the
 real `nudgeflow replay` (in-process CLI) and compares the detected triggers per
 user, in output order, with the hand-written list. The same list is also checked
 against the brute-force reference of `tests/reference/spec_model.py`, so the
-reference and the hand reading of the spec keep each other honest.
+reference and the hand reading of the spec keep each other honest; and for every
+user of the stream the product's triggers (with their `detected_at`, the stream
+clock when each was decided) must equal the reference's.
 
 Unless a test says otherwise every user gets a `regular` profile, so that the
 segment rules (`vip_concierge`, `new_visitor_welcome`) stay out of the way.
@@ -24,6 +26,7 @@ from reference.spec_model import run_reference, segment_of
 
 from nudgeflow.cli import main
 from nudgeflow.core.events import Event, decode_event, parse_ts
+from nudgeflow.core.settings import DEFAULT_RULES
 
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 SEC = 1000
@@ -33,6 +36,8 @@ DAY = 24 * HOUR
 
 Line = dict[str, Any] | str  # an event object, or a raw line (blank / invalid)
 Fire = tuple[str, int, str | None]  # (trigger_type, fired_at offset from T0 in ms, scope)
+# (trigger_type, fired_at, scope, detected_at), both times as offsets from T0 in ms
+Timed = tuple[str, int, str | None, int]
 ProfileLine = dict[str, Any]
 
 
@@ -83,11 +88,26 @@ class Run:
     dead: list[dict[str, Any]]
 
     def fires(self, user: str = "u") -> list[Fire]:
+        return [(kind, fired_at, scope) for kind, fired_at, scope, _ in self.timed(user)]
+
+    def timed(self, user: str = "u") -> list[Timed]:
         return [
-            (t["trigger_type"], parse_ts(t["fired_at"]) - T0, _scope(t["trigger_type"], t))
+            (
+                t["trigger_type"],
+                parse_ts(t["fired_at"]) - T0,
+                _scope(t["trigger_type"], t),
+                parse_ts(t["detected_at"]) - T0,
+            )
             for t in self.triggers
             if t["user_id"] == user
         ]
+
+    def detected(self, user: str = "u") -> list[int]:
+        """`detected_at` of the user's triggers (offsets from T0), in output order."""
+        return [detected_at for *_, detected_at in self.timed(user)]
+
+    def of(self, user: str = "u") -> list[dict[str, Any]]:
+        return [t for t in self.triggers if t["user_id"] == user]
 
     def dead_lines(self) -> list[tuple[int, str]]:
         return [(d["line"], d["reason"]) for d in self.dead]
@@ -122,9 +142,15 @@ def _default_profiles(lines: Sequence[Line]) -> list[ProfileLine]:
 
 
 def replay(
-    tmp_path: Path, lines: Sequence[Line], profiles: Sequence[ProfileLine] | None = None
+    tmp_path: Path,
+    lines: Sequence[Line],
+    profiles: Sequence[ProfileLine] | None = None,
+    rules: str | None = None,
 ) -> Run:
-    """Run `lines` through the real CLI and read the triggers and dead letters back."""
+    """Run `lines` through the real CLI and read the triggers and dead letters back.
+
+    `rules` is the text of a rules file (default: the shipped rules).
+    """
     rendered = _render(lines)
     profiles = _default_profiles(lines) if profiles is None else profiles
     events = tmp_path / "events.jsonl"
@@ -133,10 +159,15 @@ def replay(
     profile_file.write_text("".join(orjson.dumps(p).decode() + "\n" for p in profiles))
     out = tmp_path / "out.jsonl"
     dead = tmp_path / "dead.jsonl"
-    code = main([
+    argv = [
         "replay", str(events), "--out", str(out), "--dead-letter", str(dead),
         "--profiles", str(profile_file), "--quiet",
-    ])
+    ]
+    if rules is not None:
+        rules_file = tmp_path / "rules.yaml"
+        rules_file.write_text(rules)
+        argv += ["--rules", str(rules_file)]
+    code = main(argv)
     assert code == 0
     return Run(_read_jsonl(out), _read_jsonl(dead) if dead.exists() else [])
 
@@ -145,18 +176,32 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def reference_fires(
+def reference_timed(
     lines: Sequence[Line], profiles: Sequence[ProfileLine] | None = None
-) -> dict[str, list[Fire]]:
-    """The same stream through the brute-force reference."""
+) -> dict[str, list[Timed]]:
+    """The same stream through the brute-force reference (the valid lines, in order)."""
     events = [e for e in map(decode_event, _render(lines)) if isinstance(e, Event)]
     profiles = _default_profiles(lines) if profiles is None else profiles
     last: dict[str, ProfileLine] = {p["user_id"]: p for p in profiles}
     segments = {user: segment_of(last.get(user)) for user in {e.user_id for e in events}}
     result = run_reference(events, segments)
+    timed: dict[str, list[Timed]] = {}
+    for user, detections in result.detections.items():
+        timed[user] = []
+        for d in detections:
+            assert d.detected_at_ms is not None
+            timed[user].append(
+                (d.trigger_type, d.fired_at_ms - T0, d.scope, d.detected_at_ms - T0)
+            )
+    return timed
+
+
+def reference_fires(
+    lines: Sequence[Line], profiles: Sequence[ProfileLine] | None = None
+) -> dict[str, list[Fire]]:
     return {
-        user: [(d.trigger_type, d.fired_at_ms - T0, d.scope) for d in detections]
-        for user, detections in result.detections.items()
+        user: [(kind, fired_at, scope) for kind, fired_at, scope, _ in timed]
+        for user, timed in reference_timed(lines, profiles).items()
     }
 
 
@@ -165,17 +210,24 @@ def check(
     lines: Sequence[Line],
     expected: Sequence[Fire] | Mapping[str, Sequence[Fire]],
     profiles: Sequence[ProfileLine] | None = None,
+    rules: str | None = None,
 ) -> Run:
-    """Hand expectations == reference == product (per user, in order)."""
+    """Hand expectations == reference == product (per user, in order).
+
+    Every user's triggers, `detected_at` included, must also be the reference's.
+    """
     wanted = {"u": list(expected)} if not isinstance(expected, Mapping) else {
         user: list(fires) for user, fires in expected.items()
     }
     reference = reference_fires(lines, profiles)
     for user, fires in wanted.items():
         assert reference.get(user, []) == fires, f"reference disagrees for {user}"
-    run = replay(tmp_path, lines, profiles)
+    run = replay(tmp_path, lines, profiles, rules)
     for user, fires in wanted.items():
         assert run.fires(user) == fires, f"product disagrees for {user}"
+    timed = reference_timed(lines, profiles)
+    for user in sorted(set(timed) | {t["user_id"] for t in run.triggers}):
+        assert run.timed(user) == timed.get(user, []), f"product vs reference for {user}"
     return run
 
 
@@ -391,12 +443,16 @@ def test_dedup_span_is_24h_inclusive(tmp_path: Path, extra: int, duplicate: bool
     assert run.dead == []
 
 
-def test_duplicates_and_invalid_lines_do_not_move_the_watermark(tmp_path: Path) -> None:
+def test_duplicates_and_invalid_lines_do_not_move_the_users_clock(tmp_path: Path) -> None:
     invalid = orjson.dumps(
         {"event_id": "bad", "user_id": "u", "type": "add_to_cart", "ts": T0 + m(20)}
     ).decode()  # no product_id
     lines = [add("p", 0, eid="a"), add("p", m(20), eid="a"), invalid, purchase(m(1))]
-    run = check(tmp_path, lines, [])
+    # The purchase at 0:01 is not late (neither the duplicate nor the invalid line moved
+    # the user's clock c), but the duplicate raised the stream clock to 0:20: before the
+    # purchase line, the watermark is 0 + (20 - 0) min - 30 s > D = 0:15 (new Time section).
+    run = check(tmp_path, lines, [fire("cart_abandonment", m(15))])
+    assert run.detected() == [m(20)]
     assert [line for line, _ in run.dead_lines()] == [3]
     assert run.dead[0]["reason"] != "late"
 
@@ -775,3 +831,284 @@ def test_replay_with_no_output_lines(tmp_path: Path, lines: list[Line], triggers
     assert code == 0
     assert dead.read_bytes() == b""
     assert len(_read_jsonl(out)) == triggers
+
+
+# ------------------------------------------- the stream clock (TRIGGERS.md "Time")
+#
+# In replay the stream clock S is the largest ts of the valid lines read so far; a
+# user's watermark is c + (S - S0) - L (c, S0: their clock and S just after their last
+# applied event). Before each valid line its user's timers with D < watermark are
+# decided, with S as it stood before the line; `detected_at` is S at the decision.
+
+
+@pytest.mark.parametrize(("extra", "fires"), [(0, False), (1, True)])
+def test_another_users_line_fires_a_quiet_users_reminder(
+    tmp_path: Path, extra: int, fires: bool
+) -> None:
+    # w's line moves S to 0:15:30 (+1 ms): before u's purchase line, u's watermark is
+    # 0 + (S - 0) - 30 s = D (equal is not enough: the purchase cancels) or D + 1 ms.
+    lines = [add("p", 0), view(m(15.5, extra), user="w"), purchase(m(1))]
+    run = check(tmp_path, lines, {"u": [fire("cart_abandonment", m(15))] if fires else [],
+                                  "w": []})
+    assert run.detected() == ([m(15.5, 1)] if fires else [])  # S before the purchase line
+    assert run.dead == []
+
+
+def test_reminder_fires_before_a_second_add_and_a_new_episode_starts(tmp_path: Path) -> None:
+    # 10:00 add; other traffic moves S to 10:16, so before the 10:20 add is applied the
+    # 10:15 reminder is decided (cart: p). The 10:20 add then starts a new episode
+    # (D = 10:35), decided at the end (D <= final S = 10:36) with p and q in the cart.
+    lines = [add("p", 0), view(m(16), user="w"), add("q", m(20)), view(m(36), user="w")]
+    run = check(
+        tmp_path, lines,
+        {"u": [fire("cart_abandonment", m(15)), fire("cart_abandonment", m(35))], "w": []},
+    )
+    first, second = run.of("u")
+    assert [(i["product_id"], i["quantity"]) for i in first["metadata"]["items"]] == [("p", 1)]
+    items = sorted((i["product_id"], i["quantity"]) for i in second["metadata"]["items"])
+    assert items == [("p", 1), ("q", 1)]
+    assert run.detected() == [m(16), m(36)]
+
+
+INVALID_W = orjson.dumps(
+    {"event_id": "bad", "user_id": "w", "type": "page_leave", "ts": T0 + m(16)}
+).decode()  # no dwell_ms
+
+
+@pytest.mark.parametrize(
+    ("third", "fires"),
+    [
+        (view(m(15.5), user="w", eid="x"), False),  # a duplicate: S = 0:15:30, watermark = D
+        (view(m(15.5, 1), user="w", eid="x"), True),  # a duplicate: S 1 ms further
+        (INVALID_W, False),  # an invalid line never raises S
+    ],
+    ids=["duplicate-at-the-boundary", "duplicate-1ms-past", "invalid"],
+)
+def test_a_duplicate_line_raises_the_stream_clock(
+    tmp_path: Path, third: Line, fires: bool
+) -> None:
+    lines = [add("p", 0), view(m(1), user="w", eid="x"), third, purchase(m(2))]
+    run = check(tmp_path, lines, {"u": [fire("cart_abandonment", m(15))] if fires else [],
+                                  "w": []})
+    if fires:
+        assert run.detected() == [m(15.5, 1)]
+    assert run.dead_lines() == ([] if isinstance(third, dict) else [(3, run.dead[0]["reason"])])
+    assert all(reason != "late" for _, reason in run.dead_lines())
+
+
+def test_a_late_line_runs_step_1_for_its_user_but_moves_no_clock(tmp_path: Path) -> None:
+    lines = [
+        add("p", m(20)),  # c = 0:20, S0 = 0:20, D = 0:35
+        view(m(36), user="w"),  # S = 0:36: u's watermark is 0:35:30
+        view(m(1)),  # late for u (below 0:19:30); before it, u's reminder is decided
+        view(m(50), user="w"),  # S = 0:50
+        view(m(19.5)),  # exactly c - L: not late (the late line did not move c)
+    ]
+    run = check(tmp_path, lines, {"u": [fire("cart_abandonment", m(35))], "w": []})
+    # Decided before the late line, with S as it stood then (0:36), not at the next line.
+    assert run.detected() == [m(36)]
+    assert run.dead_lines() == [(3, "late")]
+
+
+@pytest.mark.parametrize(("extra", "fires"), [(0, False), (1, True)])
+def test_a_device_clock_lagging_the_stream_is_not_late(
+    tmp_path: Path, extra: int, fires: bool
+) -> None:
+    # u's device is 2 h behind everyone: its events are far below S but not late (only
+    # u's own clock counts), and u's timers move with S from S0 = 2:00 on.
+    lines = [
+        view(2 * HOUR, user="w"),
+        add("p", 0),
+        leave(m(1), 200_000, url="/a"),  # c = 0:01, S0 = 2:00
+        view(2 * HOUR + m(14.5, extra), user="w"),  # watermark 0:01 + 14:30 - 0:30 (+1 ms)
+        purchase(m(2)),
+    ]
+    expected = [fire("engaged_reader", m(1), "/a")]
+    if fires:
+        expected.append(fire("cart_abandonment", m(15)))
+    run = check(tmp_path, lines, {"u": expected, "w": []})
+    assert run.dead == []
+    assert run.detected() == [2 * HOUR] + ([2 * HOUR + m(14.5, 1)] if fires else [])
+
+
+def test_an_event_stamped_in_the_future_raises_the_stream_clock(tmp_path: Path) -> None:
+    # Replay has no wall clock to cap S: w's event 10 days ahead moves u's watermark past
+    # the reminder, the session close and the follow-up it sets, before u's purchase.
+    lines = [add("p", 0), view(10 * DAY, user="w"), purchase(m(1))]
+    run = check(
+        tmp_path, lines,
+        {"u": [fire("cart_abandonment", m(15)), fire("cart_abandonment_followup", DAY + m(15))],
+         "w": []},
+    )
+    assert run.detected() == [10 * DAY, 10 * DAY]
+    assert run.dead == []
+
+
+@pytest.mark.parametrize(("extra", "closed"), [(0, False), (1, True)])
+def test_the_stream_clock_closes_a_quiet_users_session_and_it_is_over(
+    tmp_path: Path, extra: int, closed: bool
+) -> None:
+    lines = [
+        view(0, "pricing"),
+        pview("p", m(1)),  # the session's latest ts: it closes at 0:31
+        view(m(31.5, extra), user="w"),  # u's watermark: 0:31 (+1 ms)
+        # Inside the gap in event time. If the close was decided, that session is over:
+        # this starts a new one, and the earlier session's pricing view makes a revisit.
+        view(m(10), "pricing"),
+    ]
+    expected = [fire("browse_abandonment", m(31)), fire("pricing_revisit", m(10))]
+    run = check(tmp_path, lines, {"u": expected if closed else [], "w": []})
+    if closed:
+        assert run.detected() == [m(31.5, 1), m(31.5, 1)]  # S before the line; S after it
+        assert "p" in orjson.dumps(run.of("u")[0]["metadata"]).decode()
+
+
+def _rules_with_cart_delay(delay: str) -> str:
+    text = DEFAULT_RULES.read_text()
+    anchor = "    metadata: cart\n    channels: [sms, push, email]\n"
+    assert text.count(anchor) == 1
+    return text.replace(anchor, f"{anchor}    delay: {delay}\n")
+
+
+@pytest.mark.parametrize(("extra", "sent"), [(0, False), (1, True)])
+def test_a_delayed_send_goes_out_when_the_stream_clock_passes_it(
+    tmp_path: Path, extra: int, sent: bool
+) -> None:
+    # cart_abandonment with `delay: 1h`: F = 0:15, the send is due at 1:15 (email, not
+    # quiet hours). After u's 0:01 line (c = 0:01, S0 = 0:16) w moves S to 1:30:30 (+1 ms):
+    # u's watermark is 0:01 + 1:14:30 - 0:30 = 1:15 (+1 ms) before u's purchase line. Past
+    # the send time it went out before the purchase; at it (equal is not enough), the
+    # purchase arrives first and cancels it.
+    profiles = [
+        {"user_id": "u", "segment": "regular", "opt_in": ["email"]},
+        {"user_id": "w", "segment": "regular"},
+    ]
+    lines = [
+        add("p", 0),
+        view(m(16), user="w"),
+        view(m(1)),  # before it, S = 0:16 decides the reminder (watermark 0:15:30)
+        view(HOUR + m(30.5, extra), user="w"),
+        purchase(m(2)),
+    ]
+    run = check(tmp_path, lines, {"u": [fire("cart_abandonment", m(15))], "w": []},
+                profiles=profiles, rules=_rules_with_cart_delay("1h"))
+    (record,) = run.of("u")
+    assert run.detected() == [m(16)]
+    if sent:
+        assert (record["decision"], record["reason"]) == ("dispatched", None)
+        assert record["channel"] == "email"
+        assert parse_ts(record["send_at"]) - T0 == HOUR + m(15)
+    else:
+        assert (record["decision"], record["reason"]) == ("suppressed", "cancelled")
+
+
+@pytest.mark.parametrize(("extra", "followup"), [(0, True), (-1, False)])
+def test_the_end_decides_up_to_the_final_stream_clock_set_by_a_duplicate(
+    tmp_path: Path, extra: int, followup: bool
+) -> None:
+    # The last line is a duplicate of w's: it sets the final S to DAY + 0:15 (-1 ms). At
+    # the end every timer with D <= final S is decided (the bound, not u's watermark),
+    # and the follow-up the reminder sets there obeys the same bound.
+    lines = [
+        add("p", 0),
+        view(DAY, user="w", eid="x"),
+        view(DAY + m(15, extra), user="w", eid="x"),
+    ]
+    expected = [fire("cart_abandonment", m(15))]
+    if followup:
+        expected.append(fire("cart_abandonment_followup", DAY + m(15)))
+    run = check(tmp_path, lines, {"u": expected, "w": []})
+    assert run.detected() == [DAY + m(15, extra)] * len(expected)
+
+
+@pytest.mark.parametrize(("offset", "late"), [(0, False), (-1, True)])
+def test_lateness_is_per_user_a_wrong_device_clock_makes_no_one_else_late(
+    tmp_path: Path, offset: int, late: bool
+) -> None:
+    at = m(4.5, offset)
+    lines = [
+        view(10 * DAY, user="w"),  # w's device is 10 days ahead: S = 10 d
+        view(m(5)),  # u's first event: not late, whatever S is
+        leave(at, 200_000, url="/a"),  # against u's own clock: c - L = 0:04:30
+    ]
+    run = check(tmp_path, lines,
+                {"u": [] if late else [fire("engaged_reader", at, "/a")], "w": []})
+    assert run.dead_lines() == ([(3, "late")] if late else [])
+    if not late:
+        assert run.detected() == [10 * DAY]  # S after its line
+
+
+@pytest.mark.parametrize(("extra", "fires"), [(0, False), (1, True)])
+def test_the_stream_clock_counts_from_the_users_last_applied_event(
+    tmp_path: Path, extra: int, fires: bool
+) -> None:
+    # S0 is S just after u's *last* applied event: the 0:01 view, read when S was 0:15,
+    # resets u's watermark to c - L = 0:00:30. Then S = 0:29:30 (+1 ms) makes it
+    # 0:01 + (0:29:30 - 0:15) - 0:30 = D = 0:15 (+1 ms).
+    lines = [
+        add("p", 0),
+        view(m(15), user="w"),
+        view(m(1)),
+        view(m(29.5, extra), user="w"),
+        purchase(m(2)),
+    ]
+    check(tmp_path, lines, {"u": [fire("cart_abandonment", m(15))] if fires else [], "w": []})
+
+
+def test_an_invalid_line_runs_no_step_1(tmp_path: Path) -> None:
+    # An invalid line has no trustworthy user: it decides nothing for the user it names
+    # (the product's reading; the spec's "the line's user" could be read to include it).
+    # Only `detected_at` can tell: u's reminder is decided before u's next valid line.
+    invalid = orjson.dumps(
+        {"event_id": "bad", "user_id": "u", "type": "add_to_cart", "ts": T0 + m(2)}
+    ).decode()  # no product_id
+    lines = [add("p", 0), view(m(16), user="w"), invalid, view(m(20), user="w"), view(m(1))]
+    run = check(tmp_path, lines, {"u": [fire("cart_abandonment", m(15))], "w": []})
+    assert run.detected() == [m(20)]
+    assert run.dead_lines() == [(3, run.dead[0]["reason"])]
+
+
+QUIET_WEEK = 8 * DAY  # longer than any window, cooldown or dedup span of the rules
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected", "profiles"),
+    [
+        (  # an exact retransmission is a duplicate (|ts - ts0| <= 24 h): 2 page views only
+            [view(0, eid="a"), view(m(1), eid="b"), view(QUIET_WEEK, user="w"),
+             view(m(1), eid="b")],
+            [],
+            [{"user_id": "w", "segment": "regular"}],  # u has no profile: `new`
+        ),
+        (  # the engaged_reader cooldown of /a runs until 24:00 in u's event time
+            [leave(0, 200_000, url="/a"), view(QUIET_WEEK, user="w"),
+             leave(m(1), 200_000, url="/a")],
+            [fire("engaged_reader", 0, "/a")],
+            None,
+        ),
+        (  # the 0:02 view has 3 views of p in [-0:08, 0:02]; the first session's close
+           # (fired, decided before it) puts the close of the second inside the cooldown
+            [pview("p", 0), pview("p", m(1)), view(QUIET_WEEK, user="w"), pview("p", m(2))],
+            [fire("browse_abandonment", m(31)), fire("product_interest", m(2), "p")],
+            None,
+        ),
+        (  # the second abandonment of a vip within 7 d
+            [add("p", 0), view(m(16), user="w"), view(m(1)), view(QUIET_WEEK, user="w"),
+             add("p", m(2)), view(QUIET_WEEK + m(20), user="w"), view(m(3))],
+            [fire("cart_abandonment", m(15)), fire("cart_abandonment_followup", DAY + m(15)),
+             fire("cart_abandonment", m(17)), fire("vip_concierge", m(17)),
+             fire("cart_abandonment_followup", DAY + m(17))],
+            [{"user_id": "u", "segment": "vip"}, {"user_id": "w", "segment": "regular"}],
+        ),
+    ],
+    ids=["dedup", "cooldown", "count-window", "vip-history"],
+)
+def test_a_quiet_week_of_stream_time_forgets_nothing_of_the_user(
+    tmp_path: Path, lines: list[Line], expected: list[Fire], profiles: list[ProfileLine] | None
+) -> None:
+    # u's device lags: after S moved a week on, u's next events are stamped just after
+    # u's own clock, so they are not late ("only the user's own events count") and must
+    # be judged against all of u's history: dedup (|ts - ts0| <= 24 h), cooldowns and
+    # count windows are in u's event time, and the stream clock only decides timers.
+    run = check(tmp_path, lines, {"u": expected, "w": []}, profiles=profiles)
+    assert run.dead == []

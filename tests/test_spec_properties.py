@@ -3,9 +3,14 @@
 Random small streams (a few users and products, cart and product views weighted up,
 timestamps that sometimes step back by up to 40 s and sometimes jump hours or days,
 steps anchored on a recent event so as to land exactly on a window, cooldown, dedup or
-deadline edge, repeated event_ids) go through the in-process `Detector` and through
-`tests/reference/spec_model.py`; per user, the detected triggers must be the same,
-in the same order, and the same events must be applied.
+deadline edge, another user's line that moves the stream clock exactly onto (or 1 ms
+past) a quiet user's deadline, devices whose clocks run behind or ahead of the others,
+repeated event_ids) go through the in-process `Detector`, stamped with replay's stream
+clock as the replay source stamps them, and through `tests/reference/spec_model.py`;
+per user, the detected triggers (with `detected_at`) must be the same, in the same
+order, and the same events must be applied.
+
+`SPEC_EXAMPLES` (environment) sets the number of generated streams (default 200).
 
 Two tests run the real `nudgeflow replay` on a generated stream of a few hundred
 lines: its output is byte-identical with one worker and with two, and it matches the
@@ -14,6 +19,7 @@ reference (triggers per user in order, late lines).
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -39,6 +45,7 @@ from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import load_rules
 from nudgeflow.core.settings import DEFAULT_RULES
+from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import format_ms
 from nudgeflow.core.triggers import Trigger
 from nudgeflow.operators.detector import Detector
@@ -77,6 +84,9 @@ ANCHORED = [
     for base in (15 * MINUTE, 30 * MINUTE, DAY + 15 * MINUTE)
     for extra in (0, 1)
 ] + [DAY + 1, 2 * DAY + 1, 7 * DAY + 1, 10 * MINUTE + 1]
+# A device's clock offset from the true time (most devices are right; one may lag by
+# minutes to more than a week, or run ahead).
+SKEWS = [0] * 12 + [-20 * MINUTE, -2 * HOUR, -DAY, -8 * DAY, 20 * MINUTE, 2 * HOUR]
 _SHORT = st.integers(0, 90_000)
 _MEDIUM = st.integers(0, 5 * MINUTE)
 _BACK = st.integers(-40_000, -1)
@@ -122,7 +132,10 @@ def event_bodies(draw: st.DrawFn, user: str, ts: int) -> dict[str, Any]:
 def streams(draw: st.DrawFn, min_size: int = 5, max_size: int = 40) -> Stream:
     users = USERS[: draw(st.integers(2, 3))]
     segments = {user: draw(st.sampled_from(SEGMENTS)) for user in users}
-    clock = T0
+    skew = {user: 0 for user in users}
+    if draw(st.integers(0, 2)) == 0:
+        skew[draw(st.sampled_from(users))] = draw(st.sampled_from(SKEWS))
+    clock = T0  # the true time; a user's events are stamped `clock + skew[user]`
     lines: list[dict[str, Any]] = []
     size = draw(st.integers(min_size, max_size))
     for index in range(size):
@@ -131,21 +144,31 @@ def streams(draw: st.DrawFn, min_size: int = 5, max_size: int = 40) -> Stream:
             # deadline boundary of something that event may have caused, and often
             # does the same thing again (same page, product, url).
             anchor = draw(st.sampled_from(lines[-6:]))  # older ones are mostly out of reach
-            clock = max(clock - 40_000, anchor["ts"] + draw(st.sampled_from(ANCHORED)))
+            user = anchor["user_id"]
+            clock = max(clock - 40_000, anchor["ts"] - skew[user] + draw(st.sampled_from(ANCHORED)))
             again = draw(st.sampled_from(["same", "resent", "other"]))
             if again != "other":  # "resent" keeps the event_id: dedup at its 24 h edge
                 event_id = anchor["event_id"] if again == "resent" else f"e{index}"
-                lines.append({**anchor, "ts": clock, "event_id": event_id})
+                lines.append({**anchor, "ts": clock + skew[user], "event_id": event_id})
                 continue
-            user = anchor["user_id"]
-            if draw(st.booleans()):
+            move = draw(st.sampled_from(["own", "stream", "none"]))
+            if move != "none":
                 # A watermark exactly on (or 1 ms past) a deadline, then an event that
-                # would cancel it: cancelled only if the timer was not decided yet.
-                home = {"user_id": user, "ts": clock, "type": "page_view", "page_type": "home"}
+                # would cancel it: cancelled only if the timer was not decided yet. The
+                # user's own event moves it ("own"), or another user's moves the stream
+                # clock while this user is quiet ("stream").
+                mover = user
+                if move == "stream":
+                    mover = draw(st.sampled_from([u for u in users if u != user]))
+                home = {"user_id": mover, "ts": clock + skew[mover], "type": "page_view",
+                        "page_type": "home"}
                 lines.append({**home, "event_id": f"e{index}w"})
                 clock += draw(st.integers(-30_000, 0))
-                lines.append({"user_id": user, "ts": clock, "type": "purchase",
-                              "event_id": f"e{index}"})
+                if move == "stream" and draw(st.booleans()):
+                    body = draw(event_bodies(user, clock + skew[user]))
+                else:
+                    body = {"user_id": user, "ts": clock + skew[user], "type": "purchase"}
+                lines.append({**body, "event_id": f"e{index}"})
                 continue
         else:
             clock += draw(STEPS)
@@ -156,10 +179,10 @@ def streams(draw: st.DrawFn, min_size: int = 5, max_size: int = 40) -> Stream:
             continue
         if repeat:  # a new event that reuses an earlier event_id of the same user
             earlier = draw(st.sampled_from(lines))
-            body = draw(event_bodies(earlier["user_id"], clock))
+            body = draw(event_bodies(earlier["user_id"], clock + skew[earlier["user_id"]]))
             body["event_id"] = earlier["event_id"]
         else:
-            body = draw(event_bodies(user, clock))
+            body = draw(event_bodies(user, clock + skew[user]))
             body["event_id"] = f"e{index}"
         lines.append(body)
     return Stream(lines[:size], segments)  # an iteration may add two lines
@@ -182,7 +205,8 @@ def detection_of(trigger: Trigger) -> Detection:
     items = None
     if kind in CART_TYPES:
         items = tuple(sorted((i["product_id"], i["quantity"]) for i in metadata["items"]))
-    return Detection(kind, trigger.user_id, trigger.fired_at_ms, scope, items)
+    return Detection(kind, trigger.user_id, trigger.fired_at_ms, scope, items,
+                     trigger.detected_at_ms)
 
 
 ADMISSION: dict[Admit, Admission] = {
@@ -204,15 +228,22 @@ def run_product(
     states: dict[str, Any] = {}
     found: dict[str, list[Detection]] = {}
     admissions: list[Admission] = []
+    # Replay's stream clock, stamped on each event as the replay source does: the largest
+    # ts of the (valid) events read before it, and including it.
+    stream: int | None = None
     for event in events:
         user = event.user_id
         if user not in states:
             states[user] = detector.new_user(user)
             found[user] = []
-        admit, decisions = detector.process(states[user], event, profiles[user])
+        before, stream = stream, event.ts if stream is None else max(stream, event.ts)
+        admit, decisions = detector.process(
+            states[user], event, profiles[user], stream=StreamStamp(before, stream)
+        )
         admissions.append(ADMISSION[admit])
         found[user].extend(detection_of(d.trigger) for d in decisions)
-    end = max(event.ts for event in events)
+    end = stream
+    assert end is not None
     for user, state in states.items():
         found[user].extend(detection_of(d.trigger) for d in detector.finish(state, end))
     return found, admissions
@@ -227,22 +258,32 @@ def _open_questions(events: list[Event], reference: list[Admission]) -> set[int]
     The reference remembers every applied occurrence of an event_id forever. Where the
     verdict could depend on which occurrence is "the remembered occurrence" (the id was
     applied more than once) or on forgetting it (`dedup_retention`, 7 d behind the
-    watermark), a non-applied event may be called late by one reading and duplicate by
-    the other; neither applies it (which is always checked).
+    watermark, which the stream clock moves on while the user is quiet), a non-applied
+    event may be called late by one reading and duplicate by the other; neither applies
+    it (which is always checked).
     """
     applied: dict[tuple[str, str], list[int]] = {}
-    latest: dict[str, int] = {}
+    clock: dict[str, int] = {}  # c: the user's largest applied ts
+    anchor: dict[str, int] = {}  # S0: the stream clock just after their latest applied event
+    reach: dict[str, int] = {}  # the furthest c + (S - S0) the user has had so far
+    stream: int | None = None
     open_questions: set[int] = set()
     for index, (event, admission) in enumerate(zip(events, reference, strict=True)):
-        key = (event.user_id, event.event_id)
+        user = event.user_id
+        if stream is not None and user in clock:
+            reach[user] = max(reach[user], clock[user] + stream - anchor[user])
+        key = (user, event.event_id)
         earlier = applied.get(key, [])
         if len(earlier) > 1 or any(
-            ts0 <= latest.get(event.user_id, ts0) - DEDUP_RETENTION + MINUTE for ts0 in earlier
+            ts0 <= reach.get(user, ts0) - DEDUP_RETENTION + MINUTE for ts0 in earlier
         ):
             open_questions.add(index)
+        stream = event.ts if stream is None else max(stream, event.ts)
         if admission == "apply":
             applied.setdefault(key, []).append(event.ts)
-            latest[event.user_id] = max(latest.get(event.user_id, event.ts), event.ts)
+            clock[user] = max(clock.get(user, event.ts), event.ts)
+            anchor[user] = stream
+            reach[user] = max(reach.get(user, clock[user]), clock[user])
     return open_questions
 
 
@@ -259,11 +300,15 @@ def _check_categories(
 def _show(detections: list[Detection]) -> list[str]:
     return [
         f"{d.trigger_type}@{(d.fired_at_ms - T0) / MINUTE:g}m {d.scope or ''} {d.items or ''}"
+        f" detected@{((d.detected_at_ms or T0) - T0) / MINUTE:g}m"
         for d in detections
     ]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = int(os.environ.get("SPEC_EXAMPLES", "200"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams())
 def test_detector_matches_the_reference(stream: Stream) -> None:
     for line in stream.lines:
@@ -362,16 +407,21 @@ def test_replay_file_matches_the_reference(tmp_path: Path) -> None:
     events = [e for e in map(decode_event, lines) if isinstance(e, Event)]
     segments = {f"user{i + 1}": s or "new" for i, s in enumerate(BIG_SEGMENTS)}
     expected = run_reference(events, segments)
-    found: dict[str, list[tuple[str, str, str | None]]] = {}
+    found: dict[str, list[tuple[str, str, str | None, str]]] = {}
     for row in map(orjson.loads, out.splitlines()):
         scope = None
         if row["trigger_type"] in PRODUCT_TYPES:
             scope = row["metadata"]["product_id"]
         elif row["trigger_type"] == "engaged_reader":
             scope = row["metadata"].get("url")
-        found.setdefault(row["user_id"], []).append((row["trigger_type"], row["fired_at"], scope))
+        found.setdefault(row["user_id"], []).append(
+            (row["trigger_type"], row["fired_at"], scope, row["detected_at"])
+        )
     for user, detections in expected.detections.items():
-        want = [(d.trigger_type, format_ms(d.fired_at_ms), d.scope) for d in detections]
+        want = [
+            (d.trigger_type, format_ms(d.fired_at_ms), d.scope, format_ms(d.detected_at_ms or 0))
+            for d in detections
+        ]
         assert found.get(user, []) == want, user
     assert set(found) <= set(expected.detections)
     # Late lines: the same, except where late vs duplicate is open (see _open_questions).

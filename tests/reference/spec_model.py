@@ -1,22 +1,44 @@
 """A brute-force reference of the detection semantics of TRIGGERS.md (default rules).
 
 Written from the spec alone, for clarity, not speed: for each user it keeps the
-full list of applied events and a log of timer decisions, and recomputes every
-rule from that history at each step. Only detection is modelled (which trigger,
-for whom, at what `fired_at`, with which key metadata); the response policies
-(decision, reason, channel) are not. `high_intent` is not modelled.
+full list of applied events (each with the stream clock just after it) and a log
+of timer decisions, and recomputes every rule, the sessions and the watermark from
+that history at each step. Only detection is modelled (which trigger, for whom, at
+what `fired_at`, detected at which stream clock, with which key metadata); the
+response policies (decision, reason, channel, delays) are not. `high_intent` is
+not modelled.
 
-Reading of the spec that this model follows (see TRIGGERS.md "Time" and
+Reading of the spec that this model follows (TRIGGERS.md "Time", replay mode, and
 "Precise readings"):
 
-- Admission, per user and per arriving event: duplicate when an applied event of
-  the user had the same `event_id` with |ts - ts0| <= 24 h; else late when
-  ts < (largest applied ts) - 30 s; else applied. Non-applied events change nothing.
-- After an event is applied, its immediate rules fire (table order), then every
-  pending timer with D < watermark is decided, smallest D first, ties in the
-  table's order of rules; a timer set by a decision (a follow-up) joins the queue.
-- At the end of a replay, pending timers with D <= the end bound are decided the
-  same way (follow-ups set then obey the same bound).
+- The stream clock `S` is the largest `ts` of the valid lines read so far
+  (duplicates and late lines included). A user's clock `c` is the largest `ts` of
+  their applied events; `S0` is `S` just after their latest applied event; their
+  watermark is `c + (S - S0) - L` (so `c - L` right after an applied event).
+- Each valid line, in order: (1) with `S` as it stood before the line, the line's
+  user's pending timers with D < watermark are decided; (2) admission: duplicate
+  when an applied event of the user had the same `event_id` with
+  |ts - ts0| <= 24 h, else late when ts < c - L (the user's own clock, never `S`),
+  else applied; (3) `S` rises to the line's `ts` if larger; (4) if applied, `c`
+  and `S0` are updated, the event's immediate rules fire (table order), then the
+  user's pending timers with D < c - L are decided.
+- Invalid lines are not given to this model at all: they neither move `S` nor run
+  step (1) for anyone. (The spec's step (1) names "the line's user"; an invalid
+  line has no trustworthy user, and the product does not run step (1) for it. It
+  can only change `detected_at`: the timers it would decide are decided at that
+  user's next valid line, or at the end, with the same results in the same order.)
+- Deciding: pending timers due under the bound are decided one at a time,
+  smallest D first, ties in the table's order of rules (then session order); a
+  timer set by a decision (a follow-up) joins the queue under the same bound.
+- At the end of a replay, every pending timer with D <= the final `S` is decided
+  the same way (follow-ups set then obey the same bound).
+- `detected_at` is the stream clock at the decision: `S` before the line for
+  step (1), `S` after the line for step (4) and the event's own rules, the final
+  `S` at the end ("a recording is replayed as if its own clock were the wall clock").
+- Sessions: an applied event joins the user's current (latest) session when its
+  `ts` is under 30 min after that session's latest `ts` and that session's close
+  has not been decided; otherwise it starts a new session ("a session whose close
+  was decided is over").
 - A cooldown "not again until fired_at + X" blocks a later firing of the same
   scope whose fired_at is < (previous fired_at) + X.
 """
@@ -24,7 +46,7 @@ Reading of the spec that this model follows (see TRIGGERS.md "Time" and
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 from nudgeflow.core.events import Event
@@ -84,11 +106,16 @@ class Detection:
     scope: str | None = None
     # cart rules: the cart at the decision, (product_id, quantity) sorted by product_id.
     items: Items | None = None
+    # the stream clock S when it was decided (replay's detected_at); None: not known
+    detected_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Applied:
+    """An applied event and the stream clock just after it was read (its S0)."""
+
     event: Event
+    stream_after: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,24 +163,52 @@ class UserModel:
         self.segment = segment
         self.log: list[_Applied | _Decided] = []
         self.detections: list[Detection] = []
+        self.now: int | None = None  # the stream clock of the decisions being made
 
     # ----- history -----
 
     def applied(self) -> list[Event]:
         return [entry.event for entry in self.log if isinstance(entry, _Applied)]
 
-    def watermark(self) -> int | None:
+    def clock(self) -> int | None:
+        """c: the largest ts of the user's applied events (None before the first)."""
         events = self.applied()
-        if not events:
+        return max(event.ts for event in events) if events else None
+
+    def late_below(self) -> int | None:
+        """c - L: an arriving event with a smaller ts is late. The user's own clock only."""
+        clock = self.clock()
+        return None if clock is None else clock - LATENESS
+
+    def watermark(self, stream: int) -> int | None:
+        """c + (S - S0) - L, with S0 the stream clock just after the latest applied event."""
+        applied = [entry for entry in self.log if isinstance(entry, _Applied)]
+        clock = self.clock()
+        if clock is None:
             return None
-        return max(event.ts for event in events) - LATENESS
+        stream_at_last = applied[-1].stream_after
+        return clock + (stream - stream_at_last) - LATENESS
 
     def sessions(self) -> list[list[Event]]:
-        """All applied events split into sessions, in arrival order."""
+        """All applied events split into sessions, in arrival order.
+
+        A decided close ends a session: the next event starts a new one whatever its ts.
+        """
         sessions: list[list[Event]] = []
-        for event in self.applied():
-            if sessions and event.ts < max(e.ts for e in sessions[-1]) + SESSION_GAP:
-                sessions[-1].append(event)
+        over: set[int] = set()
+        for entry in self.log:
+            if isinstance(entry, _Decided):
+                if entry.rule == "browse_abandonment":
+                    over.add(entry.session)
+                continue
+            event = entry.event
+            current = len(sessions) - 1
+            if (
+                sessions
+                and current not in over
+                and event.ts < max(e.ts for e in sessions[current]) + SESSION_GAP
+            ):
+                sessions[current].append(event)
             else:
                 sessions.append([event])
         return sessions
@@ -233,26 +288,36 @@ class UserModel:
     # ----- arrival -----
 
     def admission(self, event: Event) -> Admission:
+        """Step (2): duplicate, then late (below the user's own c - L), else apply."""
         for seen in self.applied():
             if seen.event_id == event.event_id and abs(event.ts - seen.ts) <= DEDUP_SPAN:
                 return "duplicate"
-        watermark = self.watermark()
-        if watermark is not None and event.ts < watermark:
+        below = self.late_below()
+        if below is not None and event.ts < below:
             return "late"
         return "apply"
 
-    def arrive(self, event: Event) -> Admission:
-        admission = self.admission(event)
-        if admission != "apply":
-            return admission
-        self.log.append(_Applied(event))
-        self._immediate(event)
-        watermark = self.watermark()
-        assert watermark is not None
+    def before_line(self, stream: int) -> None:
+        """Step (1): the stream clock stands at `stream` before one of the user's lines."""
+        watermark = self.watermark(stream)
+        if watermark is None:
+            return  # nothing applied yet: no clock, no timers
+        self.now = stream
         self._decide_timers(lambda deadline: deadline < watermark)
-        return admission
+
+    def apply(self, event: Event, stream_after: int) -> None:
+        """Step (4): the event is applied; `stream_after` is S once the line was read."""
+        self.log.append(_Applied(event, stream_after))
+        self.now = stream_after
+        self._immediate(event)
+        watermark = self.watermark(stream_after)
+        assert watermark is not None
+        assert watermark == max(e.ts for e in self.applied()) - LATENESS  # c - L
+        self._decide_timers(lambda deadline: deadline < watermark)
 
     def finish(self, end_ms: int) -> None:
+        """The end of a replay: every pending timer with D <= the final S."""
+        self.now = end_ms
         self._decide_timers(lambda deadline: deadline <= end_ms)
 
     # ----- rules that fire when an event is applied -----
@@ -345,7 +410,7 @@ class UserModel:
             self._emit(Detection("vip_concierge", self.user_id, fired_at))
 
     def _emit(self, detection: Detection) -> None:
-        self.detections.append(detection)
+        self.detections.append(replace(detection, detected_at_ms=self.now))
 
 
 def _items(cart: Mapping[str, int]) -> Items:
@@ -363,23 +428,30 @@ def run_reference(
     segments: Mapping[str, str] | None = None,
     end_ms: int | None = None,
 ) -> ReferenceResult:
-    """Replay `events` (valid events, arrival order) and return every detection per user.
+    """Replay `events` (the valid lines, in line order) and return every detection per user.
 
     `segments` maps user_id -> segment (a user without one is `new`). `end_ms` is the
-    replay end bound; by default the largest `ts` of `events`.
+    replay end bound; by default the final stream clock (the largest `ts` of `events`).
     """
     segments = segments or {}
     users: dict[str, UserModel] = {}
     admissions: list[Admission] = []
+    read: list[int] = []  # the ts of every valid line read so far
     for event in events:
         model = users.get(event.user_id)
         if model is None:
             model = users[event.user_id] = UserModel(
                 event.user_id, segments.get(event.user_id, "new")
             )
-        admissions.append(model.arrive(event))
-    if end_ms is None and events:
-        end_ms = max(event.ts for event in events)
+        if read:
+            model.before_line(max(read))  # (1) S as it stood before the line
+        admission = model.admission(event)  # (2)
+        read.append(event.ts)  # (3) every valid line counts for S, whatever its fate
+        if admission == "apply":
+            model.apply(event, max(read))  # (4)
+        admissions.append(admission)
+    if end_ms is None and read:
+        end_ms = max(read)
     if end_ms is not None:
         for model in users.values():
             model.finish(end_ms)
