@@ -290,8 +290,8 @@ def _copied_sources() -> list[str]:
 
 def _ignored(relative: str, patterns: list[str]) -> bool:
     parts = Path(relative).parts
-    for pattern in patterns:
-        pattern = pattern.rstrip("/")
+    for raw in patterns:
+        pattern = raw.rstrip("/")
         if fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(relative, f"{pattern}/*"):
             return True
         if pattern.startswith("**/") and any(
