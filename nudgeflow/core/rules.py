@@ -17,8 +17,10 @@ Kinds (see README "Rules" for their exact semantics):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -31,9 +33,10 @@ from pydantic import (
     model_validator,
 )
 
+from nudgeflow.core import sample_metadata as samples
 from nudgeflow.core.errors import RulesError
 from nudgeflow.core.events import EVENT_TYPES, Event
-from nudgeflow.core.timeutil import parse_duration_ms
+from nudgeflow.core.timeutil import format_duration_ms, format_ms, parse_duration_ms
 from nudgeflow.core.triggers import Channel
 
 
@@ -133,6 +136,24 @@ class RuleBase(_Strict):
     experiment: ExperimentConfig | None = None
     offer: dict[str, str] = Field(default_factory=dict)
 
+    # What decides how the rule responds, not what it detects: changing these keeps
+    # the rule's per-user state across a restart (`detection_fingerprint`).
+    RESPONSE_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "name", "enabled", "segment", "channels", "delay", "cancel_delayed_on",
+        "frequency_capped", "experiment", "offer",
+    })
+
+    def detection_fingerprint(self) -> str:
+        """A digest of the parameters that shape what the rule detects and the state it keeps."""
+        detection = self.model_dump(mode="json", exclude=set(self.RESPONSE_FIELDS))
+        return hashlib.blake2b(
+            json.dumps(detection, sort_keys=True).encode(), digest_size=8
+        ).hexdigest()
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        """The `metadata` of a trigger this rule emits, for the `sample` of template checks."""
+        return {}
+
 
 class AbsenceRule(RuleBase):
     kind: Literal["absence"]
@@ -140,6 +161,9 @@ class AbsenceRule(RuleBase):
     timeout: PositiveDuration
     cancel_on: list[EventMatch | CartEmpty] = Field(default_factory=list)
     metadata: Literal["cart", "none"] = "none"
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        return samples.sample_cart(sample) if self.metadata == "cart" else {}
 
 
 class CountInWindowRule(RuleBase):
@@ -151,6 +175,13 @@ class CountInWindowRule(RuleBase):
     cooldown: Duration = 0
 
     _scope_known = field_validator("scope")(lambda v: v if v is None else _check_field(v))
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"count": self.min_count,
+                                    "window": format_duration_ms(self.window)}
+        if self.scope is not None:
+            metadata[self.scope] = samples.sample_scope(self.scope, sample)
+        return metadata
 
 
 class ThresholdRule(RuleBase):
@@ -172,6 +203,14 @@ class ThresholdRule(RuleBase):
 
     _scope_known = field_validator("scope")(lambda v: v if v is None else _check_field(v))
 
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            self.field: int(self.above) + (987_654 if sample == "long" else 1)
+        }
+        if self.scope is not None:
+            metadata[self.scope] = samples.sample_scope(self.scope, sample)
+        return metadata
+
 
 class SessionCloseRule(RuleBase):
     kind: Literal["session_close"]
@@ -179,12 +218,28 @@ class SessionCloseRule(RuleBase):
     forbid: list[EventMatch] = Field(default_factory=list)
     cooldown: Duration = 0
 
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        long = sample == "long"
+        count = 1 if sample == "minimal" else (15 if long else 3)
+        return {
+            "products": [samples.long_id(n) if long else f"p-{1000 + n}" for n in range(count)],
+            "session_start": format_ms(samples.SAMPLE_FIRED_AT - 3_600_000),
+            "session_end": format_ms(samples.SAMPLE_FIRED_AT - 1_800_000),
+        }
+
 
 class RevisitRule(RuleBase):
     kind: Literal["revisit"]
     match: EventMatch
     within: PositiveDuration
     cooldown: Duration = 0
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        url = None if sample == "minimal" else (
+            samples.LONG_URL if sample == "long" else "https://shop.example.com/pricing"
+        )
+        return {"previous_visit_at": format_ms(samples.SAMPLE_FIRED_AT - 86_400_000),
+                "url": url}
 
 
 class SequenceCountRule(RuleBase):
@@ -194,11 +249,22 @@ class SequenceCountRule(RuleBase):
     min_count: int = Field(ge=1)
     cooldown: Duration = 0
 
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        return {
+            "count": self.min_count + (7 if sample == "long" else 0),
+            "window": format_duration_ms(self.window),
+            "of": self.trigger,
+            "trigger_id": "5f0c2a4e-2b1d-5c3e-9f7a-0d1e2f3a4b5c",
+        }
+
 
 class NthEventRule(RuleBase):
     kind: Literal["nth_event"]
     match: EventMatch
     n: int = Field(ge=1)
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        return {"count": self.n}
 
 
 Rule = Annotated[

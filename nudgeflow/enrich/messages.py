@@ -45,18 +45,9 @@ import jinja2
 from nudgeflow.core.errors import ConfigError
 from nudgeflow.core.profiles import NO_PROFILE, Profile
 from nudgeflow.core.resources import DEFAULT_TEMPLATES
-from nudgeflow.core.rules import (
-    AbsenceRule,
-    CountInWindowRule,
-    NthEventRule,
-    RevisitRule,
-    Rule,
-    RulesConfig,
-    SequenceCountRule,
-    SessionCloseRule,
-    ThresholdRule,
-)
-from nudgeflow.core.timeutil import format_duration_ms, format_ms
+from nudgeflow.core.rules import Rule, RulesConfig
+from nudgeflow.core.sample_metadata import SAMPLE_FIRED_AT
+from nudgeflow.core.timeutil import format_ms
 from nudgeflow.core.triggers import Channel, Decision, Trigger
 from nudgeflow.enrich.profile_store import ProfileLookup
 
@@ -477,11 +468,8 @@ def _split_subject(text: str) -> tuple[str | None, str]:
 
 # --- sample contexts per rule kind ---------------------------------------------------------
 
-_SAMPLE_FIRED_AT: Final = 1_772_359_200_000  # 2026-03-01T10:00:00Z
+_SAMPLE_FIRED_AT: Final = SAMPLE_FIRED_AT
 _LONG_NAME: Final = "Maximiliane Alexandra von Hohenzollern-Sigmaringen"
-_LONG_URL: Final = (
-    "https://shop.example.com/journal/2026/03/how-to-choose-running-shoes-for-trail-and-road"
-)
 _PROFILES: Final = {
     "typical": Profile(segment="regular", opt_in=("email", "sms", "push"), name="Ada Lovelace"),
     "minimal": Profile(),
@@ -489,61 +477,8 @@ _PROFILES: Final = {
 }
 
 
-def _long_id(n: int) -> str:
-    return f"sku-{n:06d}-trail-runner-gore-tex-xxl"
-
-
 def _sample_metadata(rule: Rule, sample: str) -> dict[str, Any]:
-    long = sample == "long"
-    minimal = sample == "minimal"
-    metadata: dict[str, Any] = {}
-    if isinstance(rule, AbsenceRule):
-        if rule.metadata == "cart":
-            items: list[dict[str, Any]]
-            if minimal:
-                items = [{"product_id": "p1", "quantity": 1, "price": None}]
-            elif long:
-                items = [
-                    {"product_id": _long_id(n), "quantity": 3, "price": 1234.5}
-                    for n in range(12)
-                ]
-            else:
-                items = [
-                    {"product_id": "p-1042", "quantity": 1, "price": 89.9},
-                    {"product_id": "p-2210", "quantity": 2, "price": 24.5},
-                ]
-            value = sum(i["quantity"] * i["price"] for i in items if i["price"] is not None)
-            metadata = {"cart_value": round(value, 2), "items": items}
-    elif isinstance(rule, CountInWindowRule):
-        metadata = {"count": rule.min_count, "window": format_duration_ms(rule.window)}
-        if rule.scope is not None:
-            metadata[rule.scope] = _sample_scope(rule.scope, sample)
-    elif isinstance(rule, ThresholdRule):
-        metadata = {rule.field: int(rule.above) + (987_654 if long else 1)}
-        if rule.scope is not None:
-            metadata[rule.scope] = _sample_scope(rule.scope, sample)
-    elif isinstance(rule, RevisitRule):
-        metadata = {
-            "previous_visit_at": format_ms(_SAMPLE_FIRED_AT - 86_400_000),
-            "url": None if minimal else (_LONG_URL if long else "https://shop.example.com/pricing"),
-        }
-    elif isinstance(rule, SessionCloseRule):
-        count = 1 if minimal else (15 if long else 3)
-        products = [_long_id(n) if long else f"p-{1000 + n}" for n in range(count)]
-        metadata = {
-            "products": products,
-            "session_start": format_ms(_SAMPLE_FIRED_AT - 3_600_000),
-            "session_end": format_ms(_SAMPLE_FIRED_AT - 1_800_000),
-        }
-    elif isinstance(rule, SequenceCountRule):
-        metadata = {
-            "count": rule.min_count + (7 if long else 0),
-            "window": format_duration_ms(rule.window),
-            "of": rule.trigger,
-            "trigger_id": "5f0c2a4e-2b1d-5c3e-9f7a-0d1e2f3a4b5c",
-        }
-    elif isinstance(rule, NthEventRule):
-        metadata = {"count": rule.n}
+    metadata = rule.sample_metadata(sample)
     if rule.experiment is not None:
         variant = rule.experiment.variants[0].name if rule.experiment.variants else None
         metadata["experiment"] = {
@@ -552,14 +487,6 @@ def _sample_metadata(rule: Rule, sample: str) -> dict[str, Any]:
             "holdout": False,
         }
     return metadata
-
-
-def _sample_scope(field: str, sample: str) -> str | None:
-    if sample == "minimal" and field == "url":
-        return None  # an event without a url fires scoped to "no url"
-    if field == "url":
-        return _LONG_URL if sample == "long" else "https://shop.example.com/journal/fit-guide"
-    return _long_id(7) if sample == "long" else "p-1042"
 
 
 def sample_contexts(rule: Rule) -> dict[str, tuple[Trigger, Profile]]:
