@@ -132,7 +132,7 @@ def _end_of_input(
     decisions = detector.finish(state, end, trace=trace)
     _tally(fired, decisions)
     for timer in state.timers.pending():
-        name = timer.rule if not timer.rule.startswith("~") else "session close"
+        name = timer.rule if not timer.rule.startswith("@") else "session close"
         message = f"deadline {format_ms(timer.deadline)} is after the end of the input: not decided"
         trace.append((timer.deadline, name, message))
     lines = [f"end of the input ({format_ms(end)}): timers due by then are decided"]

@@ -86,6 +86,17 @@ class Decision:
         out["send_at"] = format_ms(self.send_at_ms) if self.send_at_ms is not None else None
         return out
 
+    def to_data(self) -> tuple[Any, ...]:
+        """The decision as plain data (snapshots); `from_data` makes it again."""
+        t = self.trigger
+        return (t.trigger_id, t.trigger_type, t.user_id, t.fired_at_ms, t.detected_at_ms,
+                t.segment, t.metadata, self.decision, self.reason, self.channel, self.send_at_ms)
+
+    @classmethod
+    def from_data(cls, data: tuple[Any, ...]) -> Decision:
+        trigger = Trigger(*data[:7])
+        return cls(trigger, *data[7:])
+
     def dispatch_body(self) -> dict[str, Any]:
         """The JSON body of `POST /api/trigger` (EVENTS.md §3)."""
         body = self.trigger.to_json()

@@ -38,6 +38,15 @@ class Cart:
     def clear(self) -> None:
         self._items.clear()
 
+    def to_data(self) -> list[tuple[str, int, float | None]]:
+        return [(pid, qty, price) for pid, (qty, price) in self._items.items()]
+
+    @classmethod
+    def from_data(cls, data: list[tuple[str, int, float | None]]) -> Cart:
+        cart = cls()
+        cart._items = {pid: [qty, price] for pid, qty, price in data}
+        return cart
+
     @property
     def empty(self) -> bool:
         return not self._items

@@ -23,46 +23,31 @@ cancelled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from nudgeflow.core.events import Event
 from nudgeflow.core.policies import Policies, PolicyState
 from nudgeflow.core.profiles import NO_PROFILE, Profile
-from nudgeflow.core.rules import (
-    AbsenceRule,
-    CountInWindowRule,
-    EventMatch,
-    NthEventRule,
-    RevisitRule,
-    RulesConfig,
-    SequenceCountRule,
-    SessionCloseRule,
-    ThresholdRule,
-)
+from nudgeflow.core.rules import RulesConfig
 from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
 from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
 from nudgeflow.operators.cart import Cart
-from nudgeflow.operators.event_time import Admission, Admit, Timer, TimerQueue
+from nudgeflow.operators.event_time import Admission, Admit, TimerQueue
+from nudgeflow.operators.internal import DelayedSendsLogic, SessionsLogic
 from nudgeflow.operators.rule_logic import (
-    AbsenceLogic,
     CountInWindowLogic,
-    NthEventLogic,
+    Logic,
     RevisitLogic,
     RuleLogic,
-    SequenceCountLogic,
     SessionCloseLogic,
-    ThresholdLogic,
+    SessionMatchers,
 )
-from nudgeflow.operators.sessions import Session, SessionTracker
+from nudgeflow.operators.sessions import SessionTracker
 from nudgeflow.operators.tumbling import TumblingCounter
 
 # (event time, rule name, what happened): the story `nudgeflow explain` tells.
 Trace = list[tuple[int, str, str]]
-
-# Timer names of the detector's own timers (rules' timers carry the rule's name).
-SESSION_TIMER: Final = "~session"
-SEND_TIMER: Final = "~send"
 
 
 @dataclass(slots=True)
@@ -74,10 +59,11 @@ class UserState:
     cart: Cart
     sessions: SessionTracker
     timers: TimerQueue
-    rule_states: list[Any]
+    # rule name -> that rule's state for this user (absent until the rule first needs one)
+    rule_states: dict[str, Any] = field(default_factory=dict)
     policy: PolicyState = field(default_factory=PolicyState)
-    # trigger_id -> (provisional decision, rule order) of delayed sends not yet due
-    pending_sends: dict[str, tuple[Decision, int]] = field(default_factory=dict)
+    # trigger_id -> (provisional decision, rule name) of delayed sends not yet due
+    pending_sends: dict[str, tuple[Decision, str]] = field(default_factory=dict)
     profile: Profile = NO_PROFILE
     pruned_at: int | None = None
     # S0: the stream clock just after the user's latest applied event (None: no stream clock)
@@ -112,7 +98,7 @@ class Step:
         self.out: list[Decision] = []
         self.trace = trace
 
-    def note(self, logic: RuleLogic | None, at: int, message: str) -> None:
+    def note(self, logic: Logic | None, at: int, message: str) -> None:
         """Record why a rule did or did not act (only when explaining: `trace` is set)."""
         if self.trace is not None:
             self.trace.append((at, logic.name if logic is not None else "", message))
@@ -128,9 +114,9 @@ class Step:
     def state(self, logic: RuleLogic) -> Any:
         """The rule's state for this user, created on first use."""
         states = self.user.rule_states
-        value = states[logic.order]
+        value = states.get(logic.name)
         if value is None:
-            value = states[logic.order] = logic.new_state()
+            value = states[logic.name] = logic.new_state()
         return value
 
     def has_timer(self, logic: RuleLogic) -> bool:
@@ -163,49 +149,36 @@ class Detector:
         self.session_gap = config.time.session_gap
         self.dedup_retention = config.time.dedup_retention
         self.policies = Policies(config.policies)
-        self.logics: list[RuleLogic] = []
-        self.session_matchers: list[EventMatch] = []
-        for order, rule in enumerate(config.enabled_rules):
-            self.logics.append(self._build(rule, order))
+        matchers = SessionMatchers()
+        self.logics: list[RuleLogic] = [
+            RuleLogic.registry[rule.kind].build(rule, order, matchers)
+            for order, rule in enumerate(config.enabled_rules)
+        ]
         self._share_counters()
-        self._by_name = {logic.name: logic for logic in self.logics}
+        self.by_name: dict[str, RuleLogic] = {logic.name: logic for logic in self.logics}
         self._listeners: dict[str, list[RuleLogic]] = {}
         for logic in self.logics:
             if logic.listens_to is not None:
                 self._listeners.setdefault(logic.listens_to, []).append(logic)
-        self._session_rules = [x for x in self.logics if isinstance(x, SessionCloseLogic)]
+        session_rules = [x for x in self.logics if isinstance(x, SessionCloseLogic)]
         self._uses_sessions = any(
             isinstance(x, SessionCloseLogic | RevisitLogic) for x in self.logics
         )
-        self._session_order = min(
-            (x.order for x in self._session_rules), default=len(self.logics)
+        self.sessions = SessionsLogic(
+            self.session_gap, matchers, session_rules,
+            min((x.order for x in session_rules), default=len(self.logics)),
         )
+        self.sends = DelayedSendsLogic(self.by_name, self.policies)
+        # Who decides a timer: the logic its name names.
+        self._timer_logics: dict[str, Logic] = {
+            **self.by_name, self.sessions.name: self.sessions, self.sends.name: self.sends,
+        }
         # How far behind the watermark any state can still matter: past it, a user is forgotten.
         horizons = [self.dedup_retention, 7 * 86_400_000]
         for rule in config.enabled_rules:
             for name in ("cooldown", "window", "within"):
                 horizons.append(int(getattr(rule, name, 0) or 0))
         self.horizon = max(horizons) + self.lateness
-
-    def _build(self, rule: Any, order: int) -> RuleLogic:
-        if isinstance(rule, AbsenceRule):
-            return AbsenceLogic(rule, order)
-        if isinstance(rule, CountInWindowRule):
-            return CountInWindowLogic(rule, order)
-        if isinstance(rule, ThresholdRule):
-            return ThresholdLogic(rule, order)
-        if isinstance(rule, RevisitRule):
-            return RevisitLogic(rule, order)
-        if isinstance(rule, SequenceCountRule):
-            return SequenceCountLogic(rule, order)
-        if isinstance(rule, NthEventRule):
-            return NthEventLogic(rule, order)
-        if isinstance(rule, SessionCloseRule):
-            require = [self._session_matcher(m) for m in rule.require]
-            forbid = [self._session_matcher(m) for m in rule.forbid]
-            return SessionCloseLogic(rule, order, require, forbid)
-        msg = f"no logic for rule kind {rule.kind!r}"
-        raise TypeError(msg)
 
     def _share_counters(self) -> None:
         owners: dict[tuple[str, str | None], CountInWindowLogic] = {}
@@ -216,10 +189,6 @@ class Detector:
                 if owner is not logic:
                     logic.share_counter_with(owner)
 
-    def _session_matcher(self, match: EventMatch) -> int:
-        self.session_matchers.append(match)
-        return len(self.session_matchers) - 1
-
     # --- users ------------------------------------------------------------------------
 
     def new_user(self, user_id: str) -> UserState:
@@ -229,7 +198,6 @@ class Detector:
             cart=Cart(),
             sessions=SessionTracker(self.session_gap),
             timers=TimerQueue(),
-            rule_states=[None] * len(self.logics),
         )
 
     def process(
@@ -317,9 +285,7 @@ class Detector:
         self._decide(step, end, inclusive=True)
         # What is still pending has not happened within the recording; a delayed send
         # already decided stays dispatched at its send time.
-        for decision, _ in user.pending_sends.values():
-            step.out.append(decision)
-        user.pending_sends.clear()
+        self.sends.finish(step)
         return step.out
 
     def next_deadline(self, user: UserState) -> int | None:
@@ -358,10 +324,7 @@ class Detector:
             and user.sessions.open_sessions == 0
             and user.admission.remembered == 0
             and user.policy.empty
-            and all(
-                logic.state_empty(s)
-                for logic, s in zip(self.logics, user.rule_states, strict=True)
-            )
+            and all(logic.state_empty(user.rule_states.get(logic.name)) for logic in self.logics)
         )
 
     # --- the steps --------------------------------------------------------------------
@@ -389,7 +352,8 @@ class Detector:
         user.pruned_at = watermark
         user.admission.prune(watermark)
         user.policy.prune(watermark)
-        for logic, state in zip(self.logics, user.rule_states, strict=True):
+        for logic in self.logics:
+            state = user.rule_states.get(logic.name)
             if state is not None:
                 logic.prune(state, watermark)
 
@@ -414,63 +378,16 @@ class Detector:
             cart.remove(event.product_id or "", event.qty)
         elif kind == "purchase":
             cart.clear()
-        session = self._place(user, event) if self._uses_sessions else None
+        session = self.sessions.place(step, event) if self._uses_sessions else None
         if user.pending_sends:
-            self._cancel_sends(step, event)
+            self.sends.on_event(step, event, session)
         for logic in self.logics:
             logic.on_event(step, event, session)
-
-    def _place(self, user: UserState, event: Event) -> Session:
-        session, _ended = user.sessions.place(event.ts)
-        session.events += 1
-        for index, match in enumerate(self.session_matchers):
-            bit = 1 << index
-            if not session.matched & bit and match.matches(event):
-                session.matched |= bit
-        if (
-            event.type == "page_view"
-            and event.page_type == "product"
-            and event.product_id is not None
-            and event.product_id not in session.products
-        ):
-            session.products.append(event.product_id)
-        # An ended session keeps the close timer it had; the current one's moves with it.
-        user.timers.set(
-            SESSION_TIMER, self._session_order, str(session.index),
-            session.close_at(self.session_gap),
-        )
-        return session
-
-    def _cancel_sends(self, step: Step, event: Event) -> None:
-        user = step.user
-        for trigger_id, (decision, order) in list(user.pending_sends.items()):
-            rule = self.logics[order].config
-            if any(match.matches(event) for match in rule.cancel_delayed_on):
-                del user.pending_sends[trigger_id]
-                user.timers.cancel(SEND_TIMER, trigger_id)
-                self.policies.release(user.policy, decision.trigger.fired_at_ms)
-                step.out.append(Decision(decision.trigger, "suppressed", "cancelled"))
-                step.note(self.logics[order], event.ts,
-                          f"delayed send of {trigger_id} cancelled by {event.type}")
 
     def _decide(self, step: Step, bound: int, *, inclusive: bool) -> None:
         timers = step.user.timers
         while (timer := timers.pop_due(bound, inclusive=inclusive)) is not None:
-            self._on_timer(step, timer)
-
-    def _on_timer(self, step: Step, timer: Timer) -> None:
-        user = step.user
-        if timer.rule == SESSION_TIMER:
-            session = user.sessions.close(int(timer.key))
-            if session is not None:
-                for logic in self._session_rules:
-                    logic.on_session_close(step, session)
-        elif timer.rule == SEND_TIMER:
-            pending = user.pending_sends.pop(timer.key, None)
-            if pending is not None:
-                step.out.append(pending[0])
-        else:
-            self._by_name[timer.rule].on_timer(step, timer)
+            self._timer_logics[timer.rule].on_timer(step, timer)
 
     def fire(
         self, step: Step, logic: RuleLogic, fired_at: int, scope: str, metadata: dict[str, Any]
@@ -504,8 +421,7 @@ class Detector:
             held = " after its delay" if plan.delayed else ""
             step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
         if plan.delayed and plan.decision.send_at_ms is not None:
-            user.pending_sends[trigger.trigger_id] = (plan.decision, logic.order)
-            user.timers.set(SEND_TIMER, logic.order, trigger.trigger_id, plan.decision.send_at_ms)
+            self.sends.hold(step, plan.decision, logic)
         else:
             step.out.append(plan.decision)
         for listener in self._listeners.get(rule.name, ()):

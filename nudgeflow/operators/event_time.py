@@ -111,6 +111,19 @@ class Admission:
     def remembered(self) -> int:
         return len(self._seen_ids)
 
+    def to_data(self) -> tuple[int | None, bytes, bytes]:
+        return self.max_ts, self._seen_ids.tobytes(), self._seen_ts.tobytes()
+
+    @classmethod
+    def from_data(
+        cls, lateness_ms: int, retention_ms: int, data: tuple[int | None, bytes, bytes]
+    ) -> Admission:
+        admission = cls(lateness_ms, retention_ms)
+        admission.max_ts = data[0]
+        admission._seen_ids.frombytes(data[1])
+        admission._seen_ts.frombytes(data[2])
+        return admission
+
     def expires_at(self) -> int | None:
         """The `max_ts` at which every remembered id is forgotten."""
         if not self._seen_ts:
@@ -175,3 +188,7 @@ class TimerQueue:
 
     def __len__(self) -> int:
         return len(self._timers)
+
+    def to_data(self) -> list[tuple[int, str, str]]:
+        """(deadline, logic name, key) of every timer: the order is the rules' of the day."""
+        return [(t.deadline, t.rule, t.key) for t in self._timers.values()]

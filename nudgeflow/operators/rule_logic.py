@@ -1,10 +1,14 @@
 """The logic of each rule kind, as plain classes the detector drives.
 
-A logic object is built once per rule and shared by all users; the per-user
-state it keeps lives in `UserState.rule_states[logic.order]`, created by
-`new_state()`. A logic reacts to what the detector hands it (an applied
-event, a trigger of another rule, its timer, a closed session) and acts
-through the `Step` it is given: `step.fire(...)`, `step.set_timer(...)`.
+A rule kind is two classes: its parameters (`nudgeflow.core.rules`, which also
+say what its triggers' metadata look like) and its logic here, which declares
+the `kind` it implements and is found through `RuleLogic.registry`. A logic
+object is built once per rule and shared by all users; the per-user state it
+keeps lives in `UserState.rule_states[logic.name]`, created by `new_state()`,
+and `dump`/`load` turn it into plain data for snapshots (`operators.snapshot`).
+A logic reacts to what the detector hands it (an applied event, a trigger of
+another rule, its timer, a closed session) and acts through the `Step` it is
+given: `step.fire(...)`, `step.set_timer(...)`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ if TYPE_CHECKING:
     from nudgeflow.operators.event_time import Timer
     from nudgeflow.operators.sessions import Session
 
+class SessionMatchers:
+    """The event matches sessions must track (one bit each in `Session.matched`)."""
+
+    def __init__(self) -> None:
+        self.matches: list[EventMatch] = []
+
+    def add(self, match: EventMatch) -> int:
+        self.matches.append(match)
+        return len(self.matches) - 1
+
+
 # Scope of an event whose scope field is absent ("engaged_reader without a url").
 NO_SCOPE = "\x00none"
 
@@ -50,29 +65,63 @@ def scope_value(scope: str) -> str | None:
     return None if scope == NO_SCOPE else scope
 
 
-class RuleLogic:
-    """Base of the rule kinds: every hook does nothing unless a kind needs it."""
+class Logic:
+    """What the detector drives: a name its timers carry, an order, and hooks.
+
+    Every hook does nothing unless a logic needs it. The rule kinds are
+    `RuleLogic`s; sessions and delayed sends are logics of the same shape
+    (`operators.internal`), so the detector hands every timer to the logic
+    its name names.
+    """
+
+    name: str
+    order: int
+
+    def on_event(self, step: Step, event: Event, session: Session | None) -> None:
+        """An event was applied to the user's state (cart and session already updated)."""
+
+    def on_timer(self, step: Step, timer: Timer) -> None:
+        """This logic's timer was decided."""
+
+
+class RuleLogic(Logic):
+    """Base of the rule kinds. A subclass that sets `kind` is registered for it."""
 
     kind: ClassVar[str]
+    registry: ClassVar[dict[str, type[RuleLogic]]] = {}
     # The trigger type whose firings this rule consumes (absence after a trigger, sequences).
     listens_to: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            RuleLogic.registry[kind] = cls
 
     def __init__(self, config: RuleBase, order: int) -> None:
         self.config = config
         self.order = order
         self.name = config.name
+        self.fingerprint = config.detection_fingerprint()
+
+    @classmethod
+    def build(cls, config: Any, order: int, sessions: SessionMatchers) -> RuleLogic:
+        """The logic of `config`; `sessions` registers event matches a session must track."""
+        return cls(config, order)
 
     def new_state(self) -> Any:
         return None
 
-    def on_event(self, step: Step, event: Event, session: Session | None) -> None:
-        """An event was applied to the user's state (cart and session already updated)."""
+    def dump(self, state: Any) -> Any:
+        """The per-user state as plain data (builtins only), for a snapshot."""
+        return state
+
+    def load(self, data: Any) -> Any:
+        """The per-user state from what `dump` made."""
+        return data
 
     def on_trigger(self, step: Step, trigger: Trigger) -> None:
         """A trigger of `listens_to` fired for this user."""
-
-    def on_timer(self, step: Step, timer: Timer) -> None:
-        """This rule's timer was decided."""
 
     def on_session_close(self, step: Step, session: Session) -> None:
         """A session of the user closed."""
@@ -184,6 +233,17 @@ class CountInWindowLogic(RuleLogic):
             counter.prune(watermark - self.keep_ms)
         cooldowns.prune(watermark)
 
+    def dump(self, state: tuple[SlidingCounter | None, Cooldowns]) -> Any:
+        counter, cooldowns = state
+        return (None if counter is None else counter.to_data()), cooldowns.to_data()
+
+    def load(self, data: Any) -> tuple[SlidingCounter | None, Cooldowns]:
+        counter_data, cooldown_data = data
+        counter = None
+        if self.owner is self:  # the owner may have changed with the rules: it keeps one
+            counter = SlidingCounter.from_data(counter_data or {})
+        return counter, Cooldowns.from_data(self.rule.cooldown, cooldown_data)
+
     def state_empty(self, state: tuple[SlidingCounter | None, Cooldowns] | None) -> bool:
         return state is None or ((state[0] is None or state[0].empty) and state[1].empty)
 
@@ -223,6 +283,12 @@ class ThresholdLogic(RuleLogic):
 
     def state_empty(self, state: Cooldowns | None) -> bool:
         return state is None or state.empty
+
+    def dump(self, state: Cooldowns) -> Any:
+        return state.to_data()
+
+    def load(self, data: Any) -> Cooldowns:
+        return Cooldowns.from_data(self.rule.cooldown, data)
 
 
 class RevisitLogic(RuleLogic):
@@ -267,6 +333,13 @@ class RevisitLogic(RuleLogic):
     def state_empty(self, state: tuple[list[tuple[int, int]], Cooldowns] | None) -> bool:
         return state is None or (not state[0] and state[1].empty)
 
+    def dump(self, state: tuple[list[tuple[int, int]], Cooldowns]) -> Any:
+        return list(state[0]), state[1].to_data()
+
+    def load(self, data: Any) -> tuple[list[tuple[int, int]], Cooldowns]:
+        seen, cooldowns = data
+        return [tuple(x) for x in seen], Cooldowns.from_data(self.rule.cooldown, cooldowns)
+
 
 class SessionCloseLogic(RuleLogic):
     """A closed session that had every `require` match and no `forbid` match."""
@@ -279,6 +352,12 @@ class SessionCloseLogic(RuleLogic):
         # indices into the detector's list of session matchers
         self.require = require
         self.forbid = forbid
+
+    @classmethod
+    def build(cls, config: Any, order: int, sessions: SessionMatchers) -> RuleLogic:
+        require = [sessions.add(m) for m in config.require]
+        forbid = [sessions.add(m) for m in config.forbid]
+        return cls(config, order, require, forbid)
 
     def new_state(self) -> Cooldowns:
         return Cooldowns(self.rule.cooldown)
@@ -310,6 +389,12 @@ class SessionCloseLogic(RuleLogic):
 
     def state_empty(self, state: Cooldowns | None) -> bool:
         return state is None or state.empty
+
+    def dump(self, state: Cooldowns) -> Any:
+        return state.to_data()
+
+    def load(self, data: Any) -> Cooldowns:
+        return Cooldowns.from_data(self.rule.cooldown, data)
 
 
 class SequenceCountLogic(RuleLogic):
@@ -357,6 +442,13 @@ class SequenceCountLogic(RuleLogic):
     def state_empty(self, state: tuple[list[int], Cooldowns] | None) -> bool:
         return state is None or (not state[0] and state[1].empty)
 
+    def dump(self, state: tuple[list[int], Cooldowns]) -> Any:
+        return list(state[0]), state[1].to_data()
+
+    def load(self, data: Any) -> tuple[list[int], Cooldowns]:
+        history, cooldowns = data
+        return list(history), Cooldowns.from_data(self.rule.cooldown, cooldowns)
+
 
 class NthEventLogic(RuleLogic):
     """The user's `n`th matching event ever, in arrival order; once per user.
@@ -387,3 +479,6 @@ class NthEventLogic(RuleLogic):
 
     def state_empty(self, state: list[int] | None) -> bool:
         return state is None or state[0] == 0
+
+    def load(self, data: Any) -> list[int]:
+        return list(data)

@@ -13,6 +13,7 @@ We do not use bytewax's `SessionWindower`: its state is never freed (#577).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -30,6 +31,15 @@ class Session:
 
     def close_at(self, gap_ms: int) -> int:
         return self.latest_ts + gap_ms
+
+    def to_data(self) -> tuple[int, int, int, int, int, list[str]]:
+        return (self.index, self.start_ts, self.latest_ts, self.events, self.matched,
+                list(self.products))
+
+    @classmethod
+    def from_data(cls, data: tuple[int, int, int, int, int, list[str]]) -> Session:
+        index, start, latest, events, matched, products = data
+        return cls(index, start, latest, events, matched, list(products))
 
 
 class SessionTracker:
@@ -70,3 +80,17 @@ class SessionTracker:
     @property
     def open_sessions(self) -> int:
         return len(self._closing) + (self.current is not None)
+
+    def to_data(self) -> tuple[Any, list[Any], int]:
+        current = None if self.current is None else self.current.to_data()
+        return current, [s.to_data() for s in self._closing.values()], self.next_index
+
+    @classmethod
+    def from_data(cls, gap_ms: int, data: tuple[Any, list[Any], int]) -> SessionTracker:
+        tracker = cls(gap_ms)
+        current, closing, tracker.next_index = data
+        tracker.current = None if current is None else Session.from_data(current)
+        for item in closing:
+            session = Session.from_data(item)
+            tracker._closing[session.index] = session
+        return tracker

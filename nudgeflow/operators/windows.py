@@ -62,6 +62,21 @@ class SlidingCounter:
     def __len__(self) -> int:
         return sum(1 if isinstance(t, int) else len(t) for t in self._times.values())
 
+    def to_data(self) -> dict[str, int | bytes]:
+        return {s: t if isinstance(t, int) else t.tobytes() for s, t in self._times.items()}
+
+    @classmethod
+    def from_data(cls, data: dict[str, int | bytes]) -> SlidingCounter:
+        counter = cls()
+        for scope, times in data.items():
+            if isinstance(times, int):
+                counter._times[scope] = times
+            else:
+                restored = array("q")
+                restored.frombytes(times)
+                counter._times[scope] = restored
+        return counter
+
     @property
     def empty(self) -> bool:
         return not self._times
@@ -95,6 +110,15 @@ class Cooldowns:
         expired = [s for s, last in self._last.items() if last + self.cooldown_ms <= horizon]
         for scope in expired:
             del self._last[scope]
+
+    def to_data(self) -> dict[str, int]:
+        return dict(self._last)
+
+    @classmethod
+    def from_data(cls, cooldown_ms: int, data: dict[str, int]) -> Cooldowns:
+        cooldowns = cls(cooldown_ms)
+        cooldowns._last.update(data)
+        return cooldowns
 
     @property
     def empty(self) -> bool:
