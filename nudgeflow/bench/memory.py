@@ -28,7 +28,6 @@ import ctypes
 import gc
 import json
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -120,17 +119,19 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str,
 def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
             baseline: int) -> dict[str, Any]:
     """Copy every held state `clones - 1` times under new ids; the RSS per user then."""
+    from nudgeflow.operators import snapshot
     from nudgeflow.operators.detect import _DetectLogic
 
     copies: list[dict[str, _DetectLogic]] = []
     for k in range(1, clones):
         copy: dict[str, _DetectLogic] = {}
         for uid, logic in logics.items():
-            state, last_arrival = pickle.loads(logic.snapshot())
+            state, last_arrival, source = snapshot.decode(detector, logic.snapshot())
             new_id = f"c{k}-{uid}"
             state.user_id = new_id
             clone = _DetectLogic(detector, state, clock, None)
             clone.last_arrival = last_arrival
+            clone.source = source
             copy[new_id] = clone
         copies.append(copy)
     scaled = _settle()

@@ -49,8 +49,9 @@ from nudgeflow.core.timeutil import now_ms
 from nudgeflow.core.triggers import Decision
 from nudgeflow.enrich.messages import MessageRenderer
 from nudgeflow.enrich.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
-from nudgeflow.operators.detect import Emitted, LiveClock, detect
+from nudgeflow.operators.detect import DETECT_STEP, Emitted, LiveClock, detect
 from nudgeflow.operators.detector import Detector
+from nudgeflow.operators.snapshot import check_recovery
 from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
 from nudgeflow.sinks.dispatch import DispatchSink
 from nudgeflow.sources.stamped import StampedSource
@@ -58,6 +59,7 @@ from nudgeflow.sources.stamped import StampedSource
 log = logging.getLogger(__name__)
 
 RawMessage = KafkaSourceMessage[bytes | None, bytes | None]
+LIVE_FLOW_ID = "nudgeflow_live"
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def build_live_flow(
     clock = parts.clock
     profiles = parts.profiles or _default_profiles(settings)
 
-    flow = Dataflow("nudgeflow_live")
+    flow = Dataflow(LIVE_FLOW_ID)
     partitions = PartitionClocks()
     inner: FixedPartitionedSource[Any, Any] = parts.source or KafkaSource(
         brokers, [kafka.input_topic],
@@ -174,7 +176,7 @@ def build_live_flow(
     valid: Stream[Any] = split.trues
     invalid: Stream[Any] = split.falses
     keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
-    detected = detect("detect", keyed, detector, clock=LiveClock(clock, partitions))
+    detected = detect(DETECT_STEP, keyed, detector, clock=LiveClock(clock, partitions))
 
     late: Stream[Any] = op.map("late_letters", detected.late, lambda kv: kv[1])
     letters = op.merge("dead_letters", invalid, late)
@@ -251,6 +253,9 @@ def recovery_config(settings: Settings) -> RecoveryConfig | None:
     directory = settings.recovery_dir
     if directory is None:
         return None
+    if directory.exists():
+        # A snapshot this version cannot read is refused now, not when its user shows up.
+        check_recovery(directory, f"{LIVE_FLOW_ID}.{DETECT_STEP}")
     if not directory.exists() or not any(directory.glob("*.sqlite3")):
         try:
             directory.mkdir(parents=True, exist_ok=True)

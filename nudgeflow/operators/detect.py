@@ -16,7 +16,6 @@ ahead of the true clock), so a silent user's timer is decided within a second.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,8 +30,12 @@ from nudgeflow.core.metrics import Cause, metrics
 from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
+from nudgeflow.operators import snapshot
 from nudgeflow.operators.detector import Detector, UserState
 from nudgeflow.operators.event_time import Admit
+
+# The stateful step's id inside a flow: its snapshots are checked at start (check_recovery).
+DETECT_STEP: Final = "detect"
 
 # Sort keys put the end-of-replay decisions after every line's.
 AT_END: Final = 1 << 62
@@ -195,10 +198,10 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         return user is not None and self.detector.idle(user)
 
     def snapshot(self) -> bytes:
-        # Pickled bytes are an immutable copy, as bytewax requires of snapshots.
-        return pickle.dumps(
-            (self.user, self.last_arrival, self.source), protocol=pickle.HIGHEST_PROTOCOL
-        )
+        # Bytes are an immutable copy, as bytewax requires of snapshots; the format is
+        # versioned plain data (operators.snapshot), so a restart may change the rules.
+        assert self.user is not None  # bytewax snapshots only keys that hold a logic
+        return snapshot.encode(self.detector, self.user, self.last_arrival, self.source)
 
 
 def detect(
@@ -216,8 +219,7 @@ def detect(
         last_arrival: int | None = None
         source: str | None = None
         if resume is not None:
-            # our own snapshot, never outside input
-            state, last_arrival, source = pickle.loads(resume)
+            state, last_arrival, source = snapshot.decode(detector, resume)
         logic = _DetectLogic(detector, state, clock, end_bound)
         logic.last_arrival = last_arrival
         logic.source = source

@@ -7,8 +7,6 @@ so these tests control time exactly instead of waiting for it.
 
 from __future__ import annotations
 
-import pickle
-
 import orjson
 
 from nudgeflow.core.envelope import DeadLetter, Envelope, Origin
@@ -17,6 +15,7 @@ from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import parse_rules
 from nudgeflow.core.stream_clock import PartitionClocks, StreamClock
 from nudgeflow.core.timeutil import datetime_to_ms
+from nudgeflow.operators import snapshot
 from nudgeflow.operators.detect import Emitted, LiveClock, _DetectLogic
 from nudgeflow.operators.detector import Detector
 
@@ -130,7 +129,7 @@ def test_pending_timers_survive_a_snapshot_and_restore() -> None:
     wall = FakeWall(now=0)
     logic = live_logic(wall)
     logic.on_batch([envelope(wall, "a", "add_to_cart", 0, product_id="p1")])
-    state, last_arrival, source = pickle.loads(logic.snapshot())
+    state, last_arrival, source = snapshot.decode(logic.detector, logic.snapshot())
     # A new process: no partition has been read yet, the user's own stamp carries time.
     restored = _DetectLogic(logic.detector, state, LiveClock(wall), end_bound=None)
     restored.last_arrival = last_arrival

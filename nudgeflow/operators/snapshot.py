@@ -1,0 +1,179 @@
+"""Versioned per-user snapshots: plain data, rule state keyed by rule name and fingerprint.
+
+What bytewax stores for a user (one snapshot per touched user per epoch) is
+
+    b"NFUS" + FORMAT (one byte) + pickle of builtins only: (user data, wall ms, partition)
+
+Builtins only, so a snapshot does not depend on the names or layout of our
+classes: the engine may change how it holds a user in memory, and only
+`dump_user`/`load_user` (and a migration from the previous FORMAT, kept with
+a snapshot of that format in the tests) change with it.
+
+On resume, each rule is matched by name and by its detection fingerprint
+(`RuleBase.detection_fingerprint`: the parameters that shape what it detects):
+
+- a rule that is unchanged keeps its state and pending timers, wherever it
+  now stands in the file (ties between timers follow the file as it is now);
+- a new rule starts empty;
+- a removed rule's state and timers are dropped; a delayed send it had already
+  decided still goes out (it can no longer be cancelled by that rule's events);
+- a rule whose detection parameters changed starts empty (its pending timer
+  too), as if it were new; a rule whose response alone changed (channels,
+  delay, segment, experiment, offer, ...) keeps its state. A user's trigger
+  history (dedup of trigger ids, frequency cap) is the user's, and is kept.
+
+A snapshot of another FORMAT is refused when the flow starts
+(`check_recovery`), in one line, never half-way through a flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import sqlite3
+from pathlib import Path
+from typing import Any, Final
+
+from nudgeflow.core.errors import ConfigError
+from nudgeflow.core.policies import PolicyState
+from nudgeflow.core.profiles import Profile
+from nudgeflow.core.triggers import Decision
+from nudgeflow.operators.cart import Cart
+from nudgeflow.operators.detector import Detector, UserState
+from nudgeflow.operators.event_time import Admission, TimerQueue
+from nudgeflow.operators.internal import SENDS, SESSIONS
+from nudgeflow.operators.sessions import SessionTracker
+from nudgeflow.operators.tumbling import TumblingCounter
+
+MAGIC: Final = b"NFUS"
+FORMAT: Final = 2
+_HEADER: Final = MAGIC + bytes([FORMAT])
+
+
+class SnapshotFormatError(ConfigError):
+    """A snapshot this version cannot read (another format, or not ours)."""
+
+
+def dump_user(detector: Detector, user: UserState) -> dict[str, Any]:
+    """The user's state as builtins."""
+    rules = {
+        logic.name: (logic.fingerprint, None if (s := user.rule_states.get(logic.name)) is None
+                     else logic.dump(s))
+        for logic in detector.logics
+    }
+    return {
+        "user_id": user.user_id,
+        "admission": user.admission.to_data(),
+        "cart": user.cart.to_data(),
+        "sessions": user.sessions.to_data(),
+        "timers": user.timers.to_data(),
+        "rules": rules,
+        "policy": (dict(user.policy.recent_ids), list(user.policy.dispatched)),
+        "pending_sends": [(tid, decision.to_data(), rule)
+                          for tid, (decision, rule) in user.pending_sends.items()],
+        "profile": dataclasses.astuple(user.profile),
+        "pruned_at": user.pruned_at,
+        "stream_at": user.stream_at,
+        "hourly": dataclasses.astuple(user.hourly),
+        "daily": dataclasses.astuple(user.daily),
+    }
+
+
+def load_user(detector: Detector, data: dict[str, Any]) -> UserState:
+    """A user from `dump_user`'s data, under the rules of `detector` (the policy above)."""
+    kept = {
+        name for name, (fingerprint, _) in data["rules"].items()
+        if name in detector.by_name and detector.by_name[name].fingerprint == fingerprint
+    }
+    rule_states: dict[str, Any] = {}
+    for name in kept:
+        state = data["rules"][name][1]
+        if state is not None:
+            rule_states[name] = detector.by_name[name].load(state)
+    pending = {tid: (Decision.from_data(decision), rule)
+               for tid, decision, rule in data["pending_sends"]}
+    timers = TimerQueue()
+    for deadline, name, key in data["timers"]:
+        order = _timer_order(detector, name, key, kept, pending)
+        if order is not None:
+            timers.set(name, order, key, deadline)
+    return UserState(
+        user_id=data["user_id"],
+        admission=Admission.from_data(detector.lateness, detector.dedup_retention,
+                                      data["admission"]),
+        cart=Cart.from_data(data["cart"]),
+        sessions=SessionTracker.from_data(detector.session_gap, data["sessions"]),
+        timers=timers,
+        rule_states=rule_states,
+        policy=PolicyState(dict(data["policy"][0]), list(data["policy"][1])),
+        pending_sends=pending,
+        profile=Profile(*data["profile"]),
+        pruned_at=data["pruned_at"],
+        stream_at=data["stream_at"],
+        hourly=TumblingCounter(*data["hourly"]),
+        daily=TumblingCounter(*data["daily"]),
+    )
+
+
+def _timer_order(
+    detector: Detector, name: str, key: str, kept: set[str],
+    pending: dict[str, tuple[Decision, str]],
+) -> int | None:
+    """Where a restored timer stands among ties now, or None when it is dropped."""
+    if name == SESSIONS:
+        return detector.sessions.order
+    if name == SENDS:
+        if key not in pending:
+            return None
+        rule = detector.by_name.get(pending[key][1])
+        return rule.order if rule is not None else len(detector.logics)
+    return detector.by_name[name].order if name in kept else None
+
+
+def encode(detector: Detector, user: UserState, wall_ms: int | None, source: str | None) -> bytes:
+    data = (dump_user(detector, user), wall_ms, source)
+    return _HEADER + pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(detector: Detector, blob: bytes) -> tuple[UserState, int | None, str | None]:
+    """A user, the wall time of their last event and their partition, from `encode`'s bytes."""
+    if not blob.startswith(_HEADER):
+        raise SnapshotFormatError(describe_format(blob))
+    # Builtins only, written by `encode` into our own recovery store.
+    data, wall_ms, source = pickle.loads(blob[len(_HEADER):])
+    return load_user(detector, data), wall_ms, source
+
+
+def describe_format(blob: bytes) -> str:
+    if blob.startswith(MAGIC) and len(blob) > len(MAGIC):
+        found = f"format {blob[len(MAGIC)]}"
+    elif blob.startswith(b"\x80"):
+        found = "format 1 (a pickled UserState, before versioned snapshots)"
+    else:
+        found = "data that is not a nudgeflow snapshot"
+    return f"per-user state in {found}; this nudgeflow reads format {FORMAT}"
+
+
+def check_recovery(directory: Path, step_id: str) -> None:
+    """Refuse, in one line, a recovery directory holding per-user state this version cannot read.
+
+    Reads only the first bytes of each of the step's snapshots (bytewax pickles
+    our bytes, whose header follows within the first few bytes).
+    """
+    for path in sorted(directory.glob("*.sqlite3")):
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                row = db.execute(
+                    "SELECT ser_change FROM snaps WHERE step_id = ? AND ser_change IS NOT NULL"
+                    " AND instr(substr(ser_change, 1, 32), ?) = 0 LIMIT 1",
+                    (step_id, _HEADER),
+                ).fetchone()
+        except sqlite3.Error as exc:
+            msg = f"recovery directory {directory}: cannot read {path.name}: {exc}"
+            raise ConfigError(msg) from None
+        if row is not None:
+            blob = pickle.loads(row[0])
+            found = describe_format(blob if isinstance(blob, bytes) else b"")
+            msg = (f"recovery directory {directory} holds {found}: start with a new (empty) "
+                   "recovery directory, or run the nudgeflow that wrote it")
+            raise SnapshotFormatError(msg)
