@@ -75,7 +75,7 @@ def run_replay(
     profiles: Path | None = None,
     rules: Path | RulesConfig | None = None,
     workers: int = 1,
-    dispatch: Sink[Decision] | None = None,
+    dispatch: Sink[tuple[str, Decision]] | None = None,
 ) -> ReplaySummary:
     """Replay `events` into `out` (and the dead letters); raise NudgeflowError on unusable input."""
     config = rules if isinstance(rules, RulesConfig) else (load_rules(rules) if rules else None)

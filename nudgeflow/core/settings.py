@@ -23,6 +23,8 @@ class KafkaSettings(BaseModel):
     bootstrap: str = "127.0.0.1:9092"
     input_topic: str = "events"
     dead_letter_topic: str = "events.dlq"
+    # triggers the dispatch API kept refusing, or never answered for give_up_after_s
+    triggers_dlq_topic: str = "triggers.dlq"
     decisions_topic: str = "triggers.decisions"
     group_id: str = "nudgeflow"
     # librdkafka waits this long before refetching an emptied queue; its 1000 ms
@@ -43,9 +45,18 @@ class DispatchSettings(BaseModel):
 
     url: str = "http://127.0.0.1:8080"
     token: SecretStr | None = None
-    max_in_flight: int = Field(default=8, ge=1)
+    # Requests in flight per sink partition: a 50 ms API carries max_in_flight / 0.05 s.
+    max_in_flight: int = Field(default=64, ge=1)
+    # Decisions handed to a partition and not yet answered; past it the flow waits.
+    max_queued: int = Field(default=4096, ge=1)
+    # Sink partitions (each one event loop and pool); default: one per worker of the run.
+    partitions: int | None = Field(default=None, ge=1)
     timeout_s: float = Field(default=0.15, gt=0)
+    # Answers that refuse a trigger (5xx, 429) before it is dead-lettered.
     max_attempts: int = Field(default=5, ge=1)
+    # How long a trigger waits for an API that does not answer at all (unreachable,
+    # timing out, circuit open) before it is dead-lettered: an outage is waited out.
+    give_up_after_s: float = Field(default=600.0, gt=0)
     backoff_base_s: float = Field(default=0.05, gt=0)
     backoff_max_s: float = Field(default=2.0, gt=0)
     # HMAC-SHA256 of "<timestamp>.<body>" in X-Nudgeflow-Signature (nudgeflow.sinks.dispatch);

@@ -68,7 +68,8 @@ class LiveParts:
 
     # default: the input topic; any partitioned source of Kafka messages (tests)
     source: FixedPartitionedSource[Any, Any] | None = None
-    dispatch: Sink[Decision] | None = None  # default: DispatchSink to settings.dispatch.url
+    # default: DispatchSink to settings.dispatch.url; it gets (user_id, Decision) pairs
+    dispatch: Sink[tuple[str, Decision]] | None = None
     dead_letters: Sink[Any] | None = None  # default: the dead-letter topic
     decisions: Sink[Any] | None = None  # default: the decisions topic
     profiles: ProfileLookup | None = None  # default: Redis (or none, with redis url 'none')
@@ -187,7 +188,7 @@ def build_live_flow(
         kop.output("dead_letter_out", dlq_messages, brokers=brokers,
                    topic=kafka.dead_letter_topic)
 
-    decisions = op.map("decision", detected.decisions, lambda kv: kv[1].decision)
+    decisions = op.map_value("decision", detected.decisions, lambda emitted: emitted.decision)
     if parts.decisions is not None:
         op.output("decisions_out", detected.decisions, parts.decisions)
     else:
@@ -195,12 +196,13 @@ def build_live_flow(
                                            decision_message),
                    brokers=brokers, topic=kafka.decisions_topic)
     if parts.dispatch is not None:
-        dispatch: Sink[Decision] = parts.dispatch
+        dispatch: Sink[tuple[str, Decision]] = parts.dispatch
     else:
         # Templates are checked now: a missing variable refuses to start, not to send.
         renderer = MessageRenderer.load(settings.templates, config)
         dispatch = DispatchSink(
             settings.dispatch,
+            partitions=settings.workers * max(1, len(settings.addresses or [])),
             failure_factory=lambda: KafkaDeadLetterWriter.from_settings(kafka),
             # one profile lookup per sink partition: the Redis cache is not thread-safe
             render_factory=lambda: renderer.for_profiles(

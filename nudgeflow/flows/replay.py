@@ -136,7 +136,7 @@ def build_replay_flow(
     dead_letter: str | Path | None = None,
     profiles: str | Path | None = None,
     rules: str | Path | RulesConfig | None = None,
-    dispatch: Sink[Decision] | None = None,
+    dispatch: Sink[tuple[str, Decision]] | None = None,
 ) -> Dataflow:
     """The replay dataflow for one input file. Every argument may be a path string.
 
@@ -179,7 +179,7 @@ def build_replay_flow(
     op.output("triggers_file", op.key_on("out_all", detected.decisions, lambda _: "all"),
               SortedJsonlSink(out_path, _decision_row))
     if dispatch is not None:
-        decisions = op.map("decision", detected.decisions, lambda kv: kv[1].decision)
+        decisions = op.map_value("decision", detected.decisions, lambda e: e.decision)
         op.output("dispatch", decisions, dispatch)
     tallies = op.map("tally_counts", detected.tallies, _tally_counts)
     op.output("tally", tallies, TallySink(tally_path(out_path)))

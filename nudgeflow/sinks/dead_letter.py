@@ -72,7 +72,7 @@ class KafkaDeadLetterWriter:
 
     @classmethod
     def from_settings(
-        cls, kafka: KafkaSettings, topic: str = DEFAULT_TOPIC
+        cls, kafka: KafkaSettings, topic: str | None = None
     ) -> KafkaDeadLetterWriter:
         # Imported here so that modules using only the protocol do not load librdkafka.
         from confluent_kafka import Producer
@@ -86,7 +86,7 @@ class KafkaDeadLetterWriter:
                 "linger.ms": 5,
             }
         )
-        return cls(producer, topic)
+        return cls(producer, topic or kafka.triggers_dlq_topic)
 
     @property
     def topic(self) -> str:

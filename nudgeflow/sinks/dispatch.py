@@ -21,7 +21,10 @@ Why it is built this way:
 - Retries (5xx, 429, timeouts, connection errors) use exponential backoff with full
   jitter, so a recovering API is not hit by every worker in lockstep. A 4xx other
   than 429 is our bug or bad data: retrying cannot help, it goes straight to the
-  failure callback.
+  failure callback. Only refusals (5xx, 429: the API is up and says no) count
+  towards `max_attempts`; an API that does not answer at all (down, unreachable,
+  timing out) is waited out for `give_up_after_s` (10 minutes by default)
+  before the trigger is dead-lettered.
 - Each partition owns one event loop and one client for its whole life: a loop or
   a pool per batch would throw the keep-alive connections away on every batch.
 - A circuit breaker (`nudgeflow.sinks.circuit`) watches the attempts. After
@@ -44,20 +47,23 @@ Why it is built this way:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import heapq
 import itertools
 import logging
 import math
 import random
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import httpx
 import orjson
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from nudgeflow.core.errors import DispatchError
 from nudgeflow.core.metrics import metrics
@@ -80,6 +86,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRIGGER_PATH: Final = "/api/trigger"
 # A Retry-After beyond this is clamped: one trigger must not stall a worker for minutes.
@@ -156,6 +163,11 @@ class _Attempt:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def refused(self) -> bool:
+        """The API answered, and refused for now (5xx, 429): it is up, and said no."""
+        return self.retryable and self.status is not None
+
 
 class Dispatcher:
     """Sends decisions to the dispatch API, concurrently, with retries.
@@ -193,6 +205,7 @@ class Dispatcher:
         self._timeout_s = settings.timeout_s
         self._max_in_flight = settings.max_in_flight
         self._max_attempts = settings.max_attempts
+        self._give_up_after_s = settings.give_up_after_s
         self._backoff_base_s = settings.backoff_base_s
         self._backoff_max_s = settings.backoff_max_s
         self._max_retry_after_s = max_retry_after_s
@@ -237,18 +250,28 @@ class Dispatcher:
         to_send = [decision for decision in decisions if decision.dispatched]
         if not to_send:
             return []
-        semaphore = self._loop_semaphore()
-        results = await asyncio.gather(*(self._send_one(d, semaphore) for d in to_send))
+        results = await asyncio.gather(*(self.send_one(d) for d in to_send))
         for decision, result in zip(to_send, results, strict=True):
             if not result.ok:
-                logger.warning(
-                    "dispatch of %s failed after %d attempt(s): %s",
-                    result.trigger_id,
-                    result.attempts,
-                    result.error,
-                )
-                self._on_failure(decision, result)
+                self.fail(decision, result)
         return list(results)
+
+    async def send_one(self, decision: Decision) -> DispatchResult:
+        """Send one dispatched decision until the API takes it, keeps refusing it, or never answers.
+
+        The failure callback is not called here (see `fail`).
+        """
+        return await self._send_one(decision, self._loop_semaphore())
+
+    def fail(self, decision: Decision, result: DispatchResult) -> None:
+        """Hand a decision the API did not take to the failure callback."""
+        logger.warning(
+            "dispatch of %s failed after %d attempt(s): %s",
+            result.trigger_id,
+            result.attempts,
+            result.error,
+        )
+        self._on_failure(decision, result)
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -281,14 +304,14 @@ class Dispatcher:
             try:
                 body["message"] = self._render(decision)
             except Exception as exc:  # a template or lookup problem: no retry can fix it
-                error = f"message not rendered: {_describe(exc)}"
-                return DispatchResult(trigger_id, False, None, 0, error, 0.0)
+                why = f"message not rendered: {_describe(exc)}"
+                return DispatchResult(trigger_id, False, None, 0, why, 0.0)
         try:
             content = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:
             # Bad metadata never gets better: no attempt, straight to the failure path.
             return DispatchResult(trigger_id, False, None, 0, f"body is not JSON: {exc}", 0.0)
-        attempts = 0
+        attempts = refusals = 0
         while True:
             # Outside the semaphore: a trigger waiting for the circuit holds no slot,
             # so the half-open probe always finds one.
@@ -305,11 +328,21 @@ class Dispatcher:
             finally:
                 if not reported:  # cancelled mid-attempt: free the probe slot if it was ours
                     self._breaker.release()
-            done = attempt.ok or not attempt.retryable or attempts >= self._max_attempts
+            # Only refusals count against max_attempts: an API that is down, unreachable
+            # or not answering is waited out, up to give_up_after_s.
+            refusals += attempt.refused
+            elapsed_s = self._clock() - start
+            gave_up = attempt.retryable and not attempt.refused and (
+                elapsed_s >= self._give_up_after_s
+            )
+            done = (attempt.ok or not attempt.retryable or refusals >= self._max_attempts
+                    or gave_up)
             if done:
-                latency_ms = (self._clock() - start) * 1000.0
+                error = attempt.error
+                if gave_up:
+                    error = f"no answer for {elapsed_s:.0f} s (last: {attempt.error})"
                 return DispatchResult(
-                    trigger_id, attempt.ok, attempt.status, attempts, attempt.error, latency_ms
+                    trigger_id, attempt.ok, attempt.status, attempts, error, elapsed_s * 1000.0
                 )
             delay = self._backoff_s(attempts, attempt.retry_after_s)
             logger.debug(
@@ -474,69 +507,152 @@ class _Flushable(Protocol):
     def flush(self, timeout: float) -> int: ...
 
 
-class _DispatchPartition(StatelessSinkPartition[Decision]):
-    """One worker's sink: one event loop, one client, for the partition's life."""
+class _BackgroundLoop:
+    """An event loop on a thread of its own, for the partition's whole life."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class _DispatchPartition(StatefulSinkPartition[Decision, None]):
+    """One sink partition: requests go out in the background, the flow never waits for them.
+
+    `write_batch` hands each dispatched decision to the partition's own event
+    loop and returns at once; the flow waits only when `max_queued` decisions
+    are not answered yet (back-pressure: Kafka keeps the input). At-least-once:
+    bytewax takes every step's snapshot before it commits an epoch, and this
+    partition's `snapshot()` returns only once every decision it was handed in
+    the epoch is delivered or dead-lettered (and the dead letters flushed). A
+    crash before that commit re-reads the epoch's input, and the same
+    `trigger_id`s are sent again, which the API's idempotency absorbs.
+    """
 
     def __init__(
         self,
         dispatcher_factory: Callable[[httpx.AsyncClient, FailureCallback], Dispatcher],
-        client: httpx.AsyncClient,
+        client_factory: Callable[[], httpx.AsyncClient],
         on_failure: FailureCallback,
         flush_timeout_s: float,
+        max_queued: int,
     ) -> None:
-        # Created here, on the worker's thread, which is the thread that runs it.
-        self._loop = asyncio.new_event_loop()
-        self._client = client
+        self._background = _BackgroundLoop("nudgeflow-dispatch")
+        self._client = self._background.run(_create(client_factory))
         self._on_failure = on_failure
         self._flush_timeout_s = flush_timeout_s
-        self._dispatcher = dispatcher_factory(client, on_failure)
+        self._dispatcher = dispatcher_factory(self._client, on_failure)
+        self._slots = threading.BoundedSemaphore(max_queued)
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[DispatchResult]] = set()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._failed_here = False
+        # A failure callback that raised (the default: stop rather than lose a trigger)
+        # raised on the loop's thread; it is raised again on the worker's.
+        self._errors: list[BaseException] = []
 
-    def write_batch(self, items: list[Decision]) -> None:
-        batch = [decision for decision in items if decision.dispatched]
-        if not batch:
-            return
-        results = self._loop.run_until_complete(self._dispatcher.send_all(batch))
-        answered = now_ms()
-        for decision, result in zip(batch, results, strict=True):
+    def write_batch(self, values: list[Decision]) -> None:
+        self._raise_errors()
+        for decision in values:
+            if not decision.dispatched:
+                continue
+            self._slots.acquire()
+            future = self._background.submit(self._dispatcher.send_one(decision))
+            with self._lock:
+                self._pending.add(future)
+                self._idle.clear()
+            future.add_done_callback(functools.partial(self._answered, decision))
+
+    def _answered(
+        self, decision: Decision, future: concurrent.futures.Future[DispatchResult]
+    ) -> None:
+        try:
+            result = future.result()
             metrics.record_dispatch(decision, decision.cause, ok=result.ok,
-                                    attempts=result.attempts, answered_ms=answered)
-        # Dead letters must be durable before bytewax counts this batch as written.
-        if not all(result.ok for result in results):
-            self._flush_failures()
+                                    attempts=result.attempts, answered_ms=now_ms())
+            if not result.ok:
+                self._failed_here = True
+                self._dispatcher.fail(decision, result)
+        except BaseException as exc:  # re-raised on the worker's thread
+            self._errors.append(exc)
+        finally:
+            with self._lock:
+                self._pending.discard(future)
+                if not self._pending:
+                    self._idle.set()
+            self._slots.release()
+
+    def snapshot(self) -> None:
+        """The epoch's barrier: every decision handed over so far is answered or dead-lettered."""
+        self._drain()
 
     def close(self) -> None:
         try:
-            self._loop.run_until_complete(self._client.aclose())
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._drain()
+            self._background.run(self._client.aclose())
             self._flush_failures()
         finally:
-            self._loop.close()
+            self._background.stop()
+
+    def _drain(self) -> None:
+        self._idle.wait()
+        if self._failed_here:
+            # Dead letters must be durable before bytewax counts the epoch as written.
+            self._failed_here = False
+            self._flush_failures()
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            raise self._errors.pop(0)
 
     def _flush_failures(self) -> None:
         if isinstance(self._on_failure, _Flushable):
             self._on_failure.flush(self._flush_timeout_s)
 
 
-class DispatchSink(DynamicSink[Decision]):
-    """Bytewax sink: every worker sends its own decisions to the dispatch API.
+async def _create(factory: Callable[[], httpx.AsyncClient]) -> httpx.AsyncClient:
+    return factory()  # on the loop that will use it
+
+
+class DispatchSink(FixedPartitionedSink[Decision, None]):
+    """Bytewax sink: `(user_id, decision)` in; dispatched decisions go to the dispatch API.
+
+    Decisions are routed by user to `partitions` sink partitions (each an event
+    loop and a keep-alive pool, see `_DispatchPartition`); the partition state
+    is nothing, its `snapshot()` is the epoch's barrier.
 
     `client_factory` builds each partition's AsyncClient (default: `make_client`);
     tests pass one over an `httpx.MockTransport`. `failure_factory` builds each
     partition's failure callback (live mode: a `KafkaDeadLetterWriter`); the
     default raises `DispatchError`, stopping the flow rather than losing a
-    trigger. A callback with a `flush(timeout)` method is flushed after every
-    batch that had a failure and at close.
+    trigger. A callback with a `flush(timeout)` method is flushed before an
+    epoch's snapshot completes when it was used, and at close.
 
     `render_factory` builds each partition's `Render` (personalised `message`);
     `breaker_factory` each partition's circuit breaker (default:
-    `make_breaker(settings)`). While a partition's breaker is open its
-    `write_batch` blocks: the flow back-pressures instead of dropping.
+    `make_breaker(settings)`). While a partition's breaker is open its requests
+    wait, its queue fills, and then the flow waits: it back-pressures instead
+    of dropping.
     """
 
     def __init__(
         self,
         settings: DispatchSettings,
         *,
+        partitions: int = 1,
         client_factory: ClientFactory | None = None,
         failure_factory: Callable[[], FailureCallback] | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -546,6 +662,7 @@ class DispatchSink(DynamicSink[Decision]):
         breaker_factory: Callable[[], CircuitBreaker] | None = None,
     ) -> None:
         self._settings = settings
+        self._partitions = settings.partitions or partitions
         self._render_factory = render_factory
         self._breaker_factory = breaker_factory
         self._client_factory = client_factory
@@ -554,16 +671,20 @@ class DispatchSink(DynamicSink[Decision]):
         self._rand = rand
         self._flush_timeout_s = flush_timeout_s
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DispatchPartition:
-        client = (
-            self._client_factory()
-            if self._client_factory is not None
-            else make_client(self._settings)
-        )
+    def list_parts(self) -> list[str]:
+        return [f"dispatch-{index}" for index in range(self._partitions)]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> _DispatchPartition:
         on_failure = (
             self._failure_factory() if self._failure_factory is not None else raise_dispatch_error
         )
-        return _DispatchPartition(self._dispatcher, client, on_failure, self._flush_timeout_s)
+        clients = self._client_factory or functools.partial(make_client, self._settings)
+        return _DispatchPartition(
+            self._dispatcher, clients, on_failure, self._flush_timeout_s,
+            self._settings.max_queued,
+        )
 
     def _dispatcher(self, client: httpx.AsyncClient, on_failure: FailureCallback) -> Dispatcher:
         return Dispatcher(

@@ -20,7 +20,7 @@ from nudgeflow.core.settings import DispatchSettings
 from nudgeflow.core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signature_problem
 from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
 from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
-from nudgeflow.sinks.dispatch import Dispatcher, DispatchResult, DispatchSink
+from nudgeflow.sinks.dispatch import Dispatcher, DispatchResult, DispatchSink, make_breaker
 
 API = "http://dispatch.test"
 FIRED_AT_MS = 1_772_359_200_000  # 2026-03-01T10:00:00Z
@@ -59,13 +59,18 @@ def make_settings(**overrides: Any) -> DispatchSettings:
 
 
 class FakeSleep:
-    """Records the backoff delays instead of waiting them."""
+    """Records the backoff delays instead of waiting them; `now` is the time they add up to."""
 
     def __init__(self) -> None:
         self.calls: list[float] = []
+        self.now = 0.0
 
     async def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
 
 
 class Failures:
@@ -113,13 +118,18 @@ def dispatch(
     failures: Failures | None = None,
     sleep: FakeSleep | None = None,
 ) -> list[DispatchResult]:
+    sleep = sleep or FakeSleep()
+    settings = settings or make_settings()
+
     async def go() -> list[DispatchResult]:
         async with Dispatcher(
-            settings or make_settings(),
+            settings,
+            breaker=make_breaker(settings, clock=sleep.clock),
             transport=httpx.MockTransport(handler),
             on_failure=failures if failures is not None else Failures(),
-            sleep=sleep or FakeSleep(),
+            sleep=sleep,
             rand=fixed_rand,
+            clock=sleep.clock,
         ) as dispatcher:
             return await dispatcher.send_all(decisions)
 
@@ -283,15 +293,48 @@ def test_whole_attempt_is_bounded_by_timeout() -> None:
     assert result.attempts == 2
 
 
-def test_connection_errors_exhaust_attempts() -> None:
+def test_an_unreachable_api_is_waited_out_without_spending_attempts() -> None:
     decision = make_decision()
-    api = Api({decision.trigger.trigger_id: [httpx.ConnectError("refused")] * 4})
+    # Three times max_attempts: an outage, not a refusal.
+    api = Api({decision.trigger.trigger_id: [httpx.ConnectError("refused")] * 12})
     failures = Failures()
 
     [result] = dispatch([decision], api, failures=failures)
 
-    assert (result.ok, result.status, result.attempts) == (False, None, 4)
-    assert result.error == "ConnectError: refused"
+    assert (result.ok, result.status, result.attempts) == (True, 202, 13)
+    assert failures.items == []
+
+
+def test_an_api_that_never_answers_is_dead_lettered_after_give_up_after_s() -> None:
+    decision = make_decision()
+    api = Api({decision.trigger.trigger_id: [httpx.ConnectError("refused")] * 1000})
+    failures = Failures()
+    sleep = FakeSleep()
+
+    [result] = dispatch([decision], api, failures=failures, sleep=sleep,
+                        settings=make_settings(give_up_after_s=5.0))
+
+    assert not result.ok and result.status is None
+    assert result.error is not None and result.error.startswith("no answer for 5 s")
+    assert "ConnectError: refused" in result.error
+    assert 5.0 <= sleep.now < 5.0 + 1.5  # one wait (backoff or circuit) past the bound at most
+    assert failures.items == [(decision, result)]
+
+
+def test_refusals_count_and_silences_do_not() -> None:
+    decision = make_decision()
+    script: list[httpx.Response | Exception] = [
+        httpx.ConnectError("refused"), httpx.Response(503), httpx.ReadTimeout("slow"),
+        httpx.Response(500), httpx.Response(503), httpx.ConnectError("refused"),
+        httpx.Response(502),
+    ]
+    api = Api({decision.trigger.trigger_id: script})
+    failures = Failures()
+
+    [result] = dispatch([decision], api, failures=failures)
+
+    # The 4th refusal (max_attempts=4) ends it; the three silences in between did not count.
+    assert (result.ok, result.status, result.attempts) == (False, 502, 7)
     assert failures.items == [(decision, result)]
 
 
@@ -321,22 +364,27 @@ def build_flow(decisions: list[Decision], sink: DispatchSink) -> Dataflow:
     stream = op.input("in", flow, TestingSource(decisions, batch_size=4))
     # Spread the items so that on a cluster every worker's partition writes some.
     stream = op.redistribute("spread", stream)
-    op.output("out", stream, sink)
+    op.output("out", op.key_on("by_user", stream, lambda d: d.trigger.user_id), sink)
     return flow
 
 
 class SinkHarness:
     """A DispatchSink over one shared scripted Api; records the failure callbacks it built."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, partitions: int = 1) -> None:
         self.api = api
         self.failures: list[Failures] = []
+        self.sink = self.with_partitions(partitions)
+
+    def with_partitions(self, partitions: int) -> DispatchSink:
         self.sink = DispatchSink(
             make_settings(),
+            partitions=partitions,
             client_factory=self.client,
             failure_factory=self.failure_callback,
             sleep=FakeSleep(),
         )
+        return self.sink
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.MockTransport(self.api))
@@ -387,10 +435,11 @@ def test_sink_in_a_flow_delivers_every_dispatched_decision(
 def test_sink_on_two_workers_delivers_every_dispatched_decision(
     decisions: list[Decision], harness: SinkHarness
 ) -> None:
-    cluster_main(build_flow(decisions, harness.sink), [], 0, worker_count_per_proc=2)
+    sink = harness.with_partitions(2)
+    cluster_main(build_flow(decisions, sink), [], 0, worker_count_per_proc=2)
 
     check_delivery(decisions, harness)
-    assert len(harness.failures) == 2  # one partition, and one callback, per worker
+    assert len(harness.failures) == 2  # two partitions (one per worker), a callback each
 
 
 # -- dead letters --------------------------------------------------------------------

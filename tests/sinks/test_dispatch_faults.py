@@ -84,7 +84,7 @@ class Recorder:
 def run_flow(decisions: list[Decision], sink: DispatchSink) -> None:
     flow = Dataflow("dispatch_faults")
     stream = op.input("in", flow, TestingSource(decisions, batch_size=10))
-    op.output("dispatch", stream, sink)
+    op.output("dispatch", op.key_on("by_user", stream, lambda d: d.trigger.user_id), sink)
     run_main(flow)
 
 
