@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nudgeflow.core.events import Event
+from nudgeflow.core.events import EVENT_TYPES, Event
 from nudgeflow.core.policies import Policies, PolicyState
 from nudgeflow.core.profiles import NO_PROFILE, Profile
 from nudgeflow.core.rules import RulesConfig
@@ -99,7 +99,11 @@ class Step:
         self.trace = trace
 
     def note(self, logic: Logic | None, at: int, message: str) -> None:
-        """Record why a rule did or did not act (only when explaining: `trace` is set)."""
+        """Record why a rule did or did not act (only when explaining: `trace` is set).
+
+        Callers test `step.trace is not None` first: building the message costs
+        more than most rules' work, and only `explain` reads it.
+        """
         if self.trace is not None:
             self.trace.append((at, logic.name if logic is not None else "", message))
 
@@ -156,6 +160,10 @@ class Detector:
         ]
         self._share_counters()
         self.by_name: dict[str, RuleLogic] = {logic.name: logic for logic in self.logics}
+        # Per event type, the rules that watch it, in file order: most rules watch one type.
+        self._watching: dict[str, list[RuleLogic]] = {
+            kind: [x for x in self.logics if kind in x.watches] for kind in EVENT_TYPES
+        }
         self._listeners: dict[str, list[RuleLogic]] = {}
         for logic in self.logics:
             if logic.listens_to is not None:
@@ -253,8 +261,8 @@ class Detector:
         With `forget` (live mode, quiet users only), a user quiet for longer than
         the horizon of stream time is pruned as far as the stream clock took them.
         """
-        if user.admission.max_ts is None:
-            return []
+        if user.admission.max_ts is None or (not user.timers and not forget):
+            return []  # most users, most of the time: nothing could be due
         user_now = self.user_clock(user, stream)
         step = Step(self, user, stream if now is None else now, trace, event_clock=user_now)
         self._decide(step, user_now - self.lateness, inclusive=False)
@@ -381,11 +389,13 @@ class Detector:
         session = self.sessions.place(step, event) if self._uses_sessions else None
         if user.pending_sends:
             self.sends.on_event(step, event, session)
-        for logic in self.logics:
+        for logic in self._watching[event.type]:
             logic.on_event(step, event, session)
 
     def _decide(self, step: Step, bound: int, *, inclusive: bool) -> None:
         timers = step.user.timers
+        if not timers:
+            return
         while (timer := timers.pop_due(bound, inclusive=inclusive)) is not None:
             self._timer_logics[timer.rule].on_timer(step, timer)
 
@@ -396,8 +406,9 @@ class Detector:
         rule = logic.config
         profile = user.profile
         if rule.segment is not None and profile.segment != rule.segment:
-            step.note(logic, fired_at, f"condition held, but the user's segment is "
-                      f"{profile.segment!r} and the rule is for {rule.segment!r}")
+            if step.trace is not None:
+                step.note(logic, fired_at, f"condition held, but the user's segment is "
+                          f"{profile.segment!r} and the rule is for {rule.segment!r}")
             return False
         assignment = self.policies.assign(rule, user.user_id)
         if assignment is not None:
@@ -419,7 +430,8 @@ class Detector:
             verdict = (f"dispatched via {outcome.channel}" if outcome.dispatched
                        else f"suppressed ({outcome.reason})")
             held = " after its delay" if plan.delayed else ""
-            step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
+            if step.trace is not None:
+                step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
         if plan.delayed and plan.decision.send_at_ms is not None:
             self.sends.hold(step, plan.decision, logic)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from nudgeflow.core.policies import Policies
+from nudgeflow.core.rules import EventMatch
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.rule_logic import Logic, RuleLogic, SessionCloseLogic, SessionMatchers
 
@@ -36,7 +37,10 @@ class SessionsLogic(Logic):
         self, gap_ms: int, matchers: SessionMatchers, rules: list[SessionCloseLogic], order: int
     ) -> None:
         self.gap_ms = gap_ms
-        self.matchers = matchers.matches
+        # Per event type, the (bit, match) of the matches that can see it.
+        self._matchers: dict[str, list[tuple[int, EventMatch]]] = {}
+        for index, match in enumerate(matchers.matches):
+            self._matchers.setdefault(match.event, []).append((1 << index, match))
         self.rules = rules
         self.order = order
 
@@ -44,8 +48,7 @@ class SessionsLogic(Logic):
         user = step.user
         session, _ended = user.sessions.place(event.ts)
         session.events += 1
-        for index, match in enumerate(self.matchers):
-            bit = 1 << index
+        for bit, match in self._matchers.get(event.type, ()):
             if not session.matched & bit and match.matches(event):
                 session.matched |= bit
         if (
@@ -93,8 +96,9 @@ class DelayedSendsLogic(Logic):
                 user.timers.cancel(self.name, trigger_id)
                 self.policies.release(user.policy, decision.trigger.fired_at_ms)
                 step.out.append(Decision(decision.trigger, "suppressed", "cancelled"))
-                step.note(logic, event.ts,
-                          f"delayed send of {trigger_id} cancelled by {event.type}")
+                if step.trace is not None:
+                    step.note(logic, event.ts,
+                              f"delayed send of {trigger_id} cancelled by {event.type}")
 
     def on_timer(self, step: Step, timer: Timer) -> None:
         pending = step.user.pending_sends.pop(timer.key, None)

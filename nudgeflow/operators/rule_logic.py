@@ -50,6 +50,9 @@ class SessionMatchers:
         return len(self.matches) - 1
 
 
+# The event types that change a cart (operators.detector applies them).
+CART_EVENTS: frozenset[str] = frozenset({"add_to_cart", "remove_from_cart", "purchase"})
+
 # Scope of an event whose scope field is absent ("engaged_reader without a url").
 NO_SCOPE = "\x00none"
 
@@ -91,6 +94,8 @@ class RuleLogic(Logic):
     registry: ClassVar[dict[str, type[RuleLogic]]] = {}
     # The trigger type whose firings this rule consumes (absence after a trigger, sequences).
     listens_to: str | None = None
+    # The event types `on_event` can act on: the detector shows a rule no other.
+    watches: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -151,6 +156,12 @@ class AbsenceLogic(RuleLogic):
             self.listens_to = config.after.trigger
         self.cancel_events = [c for c in config.cancel_on if isinstance(c, EventMatch)]
         self.cancel_when_empty = any(isinstance(c, CartEmpty) for c in config.cancel_on)
+        watches = {match.event for match in self.cancel_events}
+        if self.start_event is not None:
+            watches.add(self.start_event.event)
+        if self.cancel_when_empty:  # only these change the cart
+            watches |= CART_EVENTS
+        self.watches = frozenset(watches)
 
     def on_event(self, step: Step, event: Event, session: Session | None) -> None:
         if step.has_timer(self) and (
@@ -160,7 +171,8 @@ class AbsenceLogic(RuleLogic):
             step.cancel_timer(self)
             by_event = any(match.matches(event) for match in self.cancel_events)
             cause = f"by {event.type}" if by_event else f"the cart is empty after {event.type}"
-            step.note(self, event.ts, f"cancelled: {cause}")
+            if step.trace is not None:
+                step.note(self, event.ts, f"cancelled: {cause}")
         if self.start_event is not None and self.start_event.matches(event):
             self._start(step, event.ts)
 
@@ -173,7 +185,8 @@ class AbsenceLogic(RuleLogic):
         deadline = deadline if current is None else max(current, deadline)
         step.set_timer(self, deadline)
         verb = "started" if current is None else "moved"
-        step.note(self, at, f"deadline {verb}: {format_ms(deadline)}")
+        if step.trace is not None:
+            step.note(self, at, f"deadline {verb}: {format_ms(deadline)}")
 
     def on_timer(self, step: Step, timer: Timer) -> None:
         metadata = step.cart.snapshot() if self.rule.metadata == "cart" else {}
@@ -194,6 +207,7 @@ class CountInWindowLogic(RuleLogic):
     def __init__(self, config: CountInWindowRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.watches = frozenset({config.match.event})
         self.owner: CountInWindowLogic = self
         self.keep_ms = config.window
 
@@ -215,11 +229,13 @@ class CountInWindowLogic(RuleLogic):
             counter.add(scope, ts)
         count = counter.count(scope, ts - self.rule.window, ts)
         if count < self.rule.min_count:
-            step.note(self, ts, f"{count} of {self.rule.min_count} needed within "
-                      f"{format_duration_ms(self.rule.window)} for {scope_value(scope)!r}")
+            if step.trace is not None:
+                step.note(self, ts, f"{count} of {self.rule.min_count} needed within "
+                          f"{format_duration_ms(self.rule.window)} for {scope_value(scope)!r}")
             return
         if cooldowns.blocked(scope, ts):
-            step.note(self, ts, f"{count} within the window, but the cooldown is running")
+            if step.trace is not None:
+                step.note(self, ts, f"{count} within the window, but the cooldown is running")
             return
         metadata: dict[str, Any] = {"count": count, "window": format_duration_ms(self.rule.window)}
         if self.rule.scope is not None:
@@ -256,6 +272,7 @@ class ThresholdLogic(RuleLogic):
     def __init__(self, config: ThresholdRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.watches = frozenset({config.match.event})
 
     def new_state(self) -> Cooldowns:
         return Cooldowns(self.rule.cooldown)
@@ -265,12 +282,15 @@ class ThresholdLogic(RuleLogic):
             return
         value = getattr(event, self.rule.field)
         if value is None or value <= self.rule.above:
-            step.note(self, event.ts, f"{self.rule.field} {value} is not above {self.rule.above:g}")
+            if step.trace is not None:
+                step.note(self, event.ts,
+                          f"{self.rule.field} {value} is not above {self.rule.above:g}")
             return
         cooldowns: Cooldowns = step.state(self)
         scope = scope_of(event, self.rule.scope)
         if cooldowns.blocked(scope, event.ts):
-            step.note(self, event.ts, "above the threshold, but the cooldown is running")
+            if step.trace is not None:
+                step.note(self, event.ts, "above the threshold, but the cooldown is running")
             return
         metadata: dict[str, Any] = {self.rule.field: value}
         if self.rule.scope is not None:
@@ -299,6 +319,7 @@ class RevisitLogic(RuleLogic):
     def __init__(self, config: RevisitRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.watches = frozenset({config.match.event})
 
     def new_state(self) -> tuple[list[tuple[int, int]], Cooldowns]:
         # (ts, session index) of matching events, sorted by ts
@@ -313,11 +334,13 @@ class RevisitLogic(RuleLogic):
         previous = [t for t, index in seen if index < session.index and earliest <= t <= ts]
         insort(seen, (ts, session.index))
         if not previous:
-            step.note(self, ts, "no matching event in an earlier session within "
-                      f"{format_duration_ms(self.rule.within)}")
+            if step.trace is not None:
+                step.note(self, ts, "no matching event in an earlier session within "
+                          f"{format_duration_ms(self.rule.within)}")
             return
         if cooldowns.blocked("", ts):
-            step.note(self, ts, "a revisit, but the cooldown is running")
+            if step.trace is not None:
+                step.note(self, ts, "a revisit, but the cooldown is running")
             return
         metadata = {"previous_visit_at": format_ms(max(previous)), "url": event.url}
         if step.fire(self, ts, "", metadata):
@@ -366,15 +389,19 @@ class SessionCloseLogic(RuleLogic):
         matched = session.matched
         fired_at = session.close_at(step.session_gap)
         if not all(matched >> i & 1 for i in self.require):
-            step.note(self, fired_at, f"session {session.index} closed without a required event")
+            if step.trace is not None:
+                step.note(self, fired_at,
+                          f"session {session.index} closed without a required event")
             return
         if any(matched >> i & 1 for i in self.forbid):
-            step.note(self, fired_at, f"session {session.index} closed with a forbidden event")
+            if step.trace is not None:
+                step.note(self, fired_at, f"session {session.index} closed with a forbidden event")
             return
         cooldowns: Cooldowns = step.state(self)
         if cooldowns.blocked("", fired_at):
-            step.note(self, fired_at, f"session {session.index} qualified, but the cooldown "
-                      "is running")
+            if step.trace is not None:
+                step.note(self, fired_at, f"session {session.index} qualified, but the cooldown "
+                          "is running")
             return
         metadata = {
             "products": list(session.products),
@@ -417,11 +444,13 @@ class SequenceCountLogic(RuleLogic):
         start = fired_at - self.rule.window
         count = sum(1 for t in history if start <= t <= fired_at)
         if count < self.rule.min_count:
-            step.note(self, fired_at, f"{count} {self.rule.trigger} of {self.rule.min_count} "
-                      f"needed within {format_duration_ms(self.rule.window)}")
+            if step.trace is not None:
+                step.note(self, fired_at, f"{count} {self.rule.trigger} of {self.rule.min_count} "
+                          f"needed within {format_duration_ms(self.rule.window)}")
             return
         if cooldowns.blocked("", fired_at):
-            step.note(self, fired_at, "enough, but the cooldown is running")
+            if step.trace is not None:
+                step.note(self, fired_at, "enough, but the cooldown is running")
             return
         metadata = {
             "count": count,
@@ -462,6 +491,7 @@ class NthEventLogic(RuleLogic):
     def __init__(self, config: NthEventRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.watches = frozenset({config.match.event})
 
     def new_state(self) -> list[int]:
         return [0]
@@ -473,7 +503,8 @@ class NthEventLogic(RuleLogic):
         if count[0] >= self.rule.n:
             return
         count[0] += 1
-        step.note(self, event.ts, f"matching event {count[0]} of {self.rule.n}")
+        if step.trace is not None:
+            step.note(self, event.ts, f"matching event {count[0]} of {self.rule.n}")
         if count[0] == self.rule.n:
             step.fire(self, event.ts, "", {"count": self.rule.n})
 
