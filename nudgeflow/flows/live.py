@@ -177,7 +177,8 @@ def build_live_flow(
     valid: Stream[Any] = split.trues
     invalid: Stream[Any] = split.falses
     keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
-    detected = detect(DETECT_STEP, keyed, detector, clock=LiveClock(clock, partitions))
+    detected = detect(DETECT_STEP, keyed, detector, clock=LiveClock(clock, partitions),
+                      snapshots=settings.recovery_dir is not None)
 
     late: Stream[Any] = op.map("late_letters", detected.late, lambda kv: kv[1])
     letters = op.merge("dead_letters", invalid, late)

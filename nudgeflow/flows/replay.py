@@ -170,7 +170,8 @@ def build_replay_flow(
         return dataclasses.replace(envelope, profile=known.get(envelope.event.user_id, NO_PROFILE))
 
     enriched = op.map_value("profile", keyed, with_profile)
-    detected = detect("detect", enriched, detector, end_bound=end_bound)
+    # A replay is never resumed: no snapshot is worth its cost.
+    detected = detect("detect", enriched, detector, end_bound=end_bound, snapshots=False)
 
     keyed_invalid = op.key_on("invalid_key", invalid, lambda _: "dlq")
     letters = op.merge("dead_letters", keyed_invalid, detected.late)
