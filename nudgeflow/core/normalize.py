@@ -47,7 +47,7 @@ def is_segment(data: dict[str, Any]) -> bool:
     return (
         "event_id" not in data
         and "messageId" in data
-        and data.get("type") in {"track", "page"}
+        and data.get("type") in ("track", "page")  # a tuple: compared, never hashed (a list)
     )
 
 
