@@ -53,6 +53,15 @@ class Envelope:
     stream: StreamStamp | None = None
     key: bytes | None = None  # the Kafka key that came with it (a late one's dead letter keeps it)
 
+    # Positional copies: `dataclasses.replace` cost 13% of a flow's time here.
+    def with_stream(self, stream: StreamStamp) -> Envelope:
+        return Envelope(self.event, self.raw, self.origin, self.profile, self.arrived_ms,
+                        stream, self.key)
+
+    def with_profile(self, profile: Profile) -> Envelope:
+        return Envelope(self.event, self.raw, self.origin, profile, self.arrived_ms,
+                        self.stream, self.key)
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:

@@ -14,7 +14,6 @@ so a fixed message can be replayed from the dead-letter topic as it was.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import signal
@@ -167,8 +166,7 @@ def build_live_flow(
         valid = [x.event.user_id for x in batch if isinstance(x, Envelope)]
         found = profiles.lookup(valid) if valid else {}
         return [
-            dataclasses.replace(x, profile=found[x.event.user_id])
-            if isinstance(x, Envelope) else x
+            x.with_profile(found[x.event.user_id]) if isinstance(x, Envelope) else x
             for x in batch
         ]
 

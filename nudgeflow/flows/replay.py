@@ -21,7 +21,6 @@ runs it as a 2-process cluster.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +166,7 @@ def build_replay_flow(
     keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
 
     def with_profile(envelope: Envelope) -> Envelope:
-        return dataclasses.replace(envelope, profile=known.get(envelope.event.user_id, NO_PROFILE))
+        return envelope.with_profile(known.get(envelope.event.user_id, NO_PROFILE))
 
     enriched = op.map_value("profile", keyed, with_profile)
     # A replay is never resumed: no snapshot is worth its cost.

@@ -105,6 +105,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         detector = self.detector
         now = self.clock.now_ms() if self.clock is not None else None
         out: list[Output] = []
+        counts = [0, 0, 0]  # this batch's applied, duplicate, late (Admit's order)
         for envelope in values:
             user = self.user
             if user is None:
@@ -112,23 +113,26 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             verdict, decisions = detector.process(
                 user, envelope.event, envelope.profile, now, stream=envelope.stream
             )
-            if now is not None:  # live: count, and carry each decision's cause for latency
-                metrics.record_event_outcome(verdict.value)
+            if now is not None and decisions:  # live: carry each decision's cause for latency
                 decisions = metrics.traced(decisions, Cause.of_event(
                     envelope.arrived_ms, envelope.origin.timestamp_ms))
             if verdict is Admit.APPLY:
-                self.counts[0] += 1
+                counts[0] += 1
                 self.last_arrival = envelope.arrived_ms if envelope.arrived_ms is not None else now
                 self.source = envelope.origin.source
             elif verdict is Admit.DUPLICATE:
-                self.counts[1] += 1
+                counts[1] += 1
             else:
-                self.counts[2] += 1
+                counts[2] += 1
                 out.append(DeadLetter(envelope.raw, envelope.origin, "late", envelope.key))
-            cause = envelope.origin.line if envelope.origin.line is not None else 0
-            out.extend(
-                Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions)
-            )
+            if decisions:
+                cause = envelope.origin.line if envelope.origin.line is not None else 0
+                out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        if now is not None:  # live: the admission outcomes, counted once per batch
+            for outcome, count in zip(Admit, counts, strict=True):
+                if count:
+                    metrics.record_event_outcome(outcome.value, count)
         return out, self._discard()
 
     def _stream_now(self, user: UserState, now: int) -> int | None:

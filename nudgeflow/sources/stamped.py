@@ -15,7 +15,6 @@ user's partition.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -64,7 +63,7 @@ class _StampedPartition(StatefulSourcePartition[Any, State], Generic[X]):
             opened = self._open(item, now)
             if isinstance(opened, Envelope):
                 stamp = clock.read(opened.event.ts, now)
-                opened = dataclasses.replace(opened, stream=stamp)
+                opened = opened.with_stream(stamp)
             out.append(opened)
         reading = clock.reading
         if self._registry is not None and reading is not None and items:
