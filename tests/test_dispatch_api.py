@@ -534,6 +534,172 @@ def test_dispatcher_signs_with_hmac_and_never_logs_the_secret(
     assert "tok-never-logged" not in caplog.text
 
 
+# -- the batch endpoint and the fast path ------------------------------------------------------
+
+
+def post_batch(client: httpx.Client, bodies: list[dict[str, Any]]) -> httpx.Response:
+    return client.post("/api/triggers", json=bodies)
+
+
+def test_batch_answers_each_trigger_in_order_and_logs_each_once(
+    client: httpx.Client, log_path: Path
+) -> None:
+    earlier = make_decision(0).dispatch_body()
+    assert post(client, earlier).status_code == 202
+    now_body = make_decision(1).dispatch_body()
+    later = make_decision(2, send_at_ms=NOW_MS + 600_000).dispatch_body()
+    # a repeat of an earlier request, and of an earlier item of the same batch
+    bodies = [now_body, earlier, later, {**now_body, "detected_at": "2026-03-01T11:00:00Z"}]
+
+    response = post_batch(client, bodies)
+
+    assert response.status_code == 202, response.text
+    assert response.json() == {
+        "results": [
+            {"trigger_id": now_body["trigger_id"], "status": "accepted"},
+            {"trigger_id": earlier["trigger_id"], "status": "accepted"},
+            {"trigger_id": later["trigger_id"], "status": "scheduled"},
+            {"trigger_id": now_body["trigger_id"], "status": "accepted"},
+        ]
+    }
+    logged = [line["trigger_id"] for line in log_lines(log_path)]
+    assert logged == [earlier["trigger_id"], now_body["trigger_id"], later["trigger_id"]]
+    assert status_of(client, later["trigger_id"]) == "scheduled"
+    # and a single request with the key of a batch item is a repeat too
+    assert post(client, later).json() == {"trigger_id": later["trigger_id"], "status": "scheduled"}
+    assert len(log_lines(log_path)) == 3
+
+
+def test_batch_with_one_bad_item_is_refused_whole(client: httpx.Client, log_path: Path) -> None:
+    good = make_decision(0).dispatch_body()
+    bad = {**make_decision(1).dispatch_body(), "channel": "pigeon"}
+
+    response = post_batch(client, [good, bad])
+
+    assert assert_error(response, 400).startswith("1.channel:")
+    assert log_lines(log_path) == []
+    assert client.get(f"/api/trigger/status/{good['trigger_id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"[]", "List should have at least 1 item"),
+        (b'{"trigger_id": "x"}', "Input should be a valid list"),
+        (b"[", "request body is not valid JSON"),
+    ],
+)
+def test_batch_must_be_a_non_empty_json_array(
+    client: httpx.Client, content: bytes, reason: str
+) -> None:
+    response = client.post(
+        "/api/triggers", content=content, headers={"Content-Type": "application/json"}
+    )
+
+    assert reason in assert_error(response, 400)
+
+
+def test_batch_of_more_than_1000_is_refused(client: httpx.Client, log_path: Path) -> None:
+    body = make_decision().dispatch_body()
+
+    response = post_batch(client, [body] * 1001)
+
+    assert "at most 1000 items" in assert_error(response, 400)
+    assert log_lines(log_path) == []
+
+
+def test_batch_needs_the_same_credentials(log_path: Path) -> None:
+    body = make_decision().dispatch_body()
+    app = create_app(log_path, token="s3cret", run_scheduler=False)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        refused = post_batch(client, [body])
+        accepted = client.post(
+            "/api/triggers", json=[body], headers={"Authorization": "Bearer s3cret"}
+        )
+
+    assert assert_error(refused, 401) == "missing or wrong bearer token"
+    assert accepted.status_code == 202, accepted.text
+    assert len(log_lines(log_path)) == 1
+
+
+def test_injected_failures_count_batches_too(log_path: Path) -> None:
+    body = make_decision().dispatch_body()
+    app = create_app(log_path, fail_first=1, run_scheduler=False)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        first = post_batch(client, [body])
+        second = post_batch(client, [body])
+
+    assert assert_error(first, 500) == "injected failure (fail_first)"
+    assert second.status_code == 202
+    assert len(log_lines(log_path)) == 1
+
+
+def test_each_accepted_trigger_is_in_the_log_before_its_answer(
+    client: httpx.Client, log_path: Path
+) -> None:
+    for n in range(20):
+        body = make_decision(n).dispatch_body()
+        assert post(client, body).status_code == 202
+        assert log_lines(log_path)[-1]["trigger_id"] == body["trigger_id"]
+
+
+def test_concurrent_requests_are_each_stored_and_logged_once(
+    server: ServerThread, log_path: Path
+) -> None:
+    bodies = [make_decision(n).dispatch_body() for n in range(60)]
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as http:
+            # every body twice, at once: one of each pair is the repeat
+            return await asyncio.gather(*(
+                http.post("/api/trigger", json=b, headers={"Idempotency-Key": b["trigger_id"]})
+                for b in bodies + bodies
+            ))  # fmt: skip
+
+    responses = asyncio.run(go())
+
+    assert {r.status_code for r in responses} == {202}
+    assert {r.json()["status"] for r in responses} == {"accepted"}
+    logged = [line["trigger_id"] for line in log_lines(log_path)]
+    assert sorted(logged) == sorted(b["trigger_id"] for b in bodies)
+
+
+def test_fastapi_and_the_fast_path_accept_alike(client: httpx.Client, log_path: Path) -> None:
+    # FastAPI reads a +json type as JSON too; the fast path leaves such a request to FastAPI.
+    body = make_decision().dispatch_body()
+    other = {**body, "trigger_id": "other-id"}
+    answers = []
+    for each, content_type in ((body, "application/vnd.nudgeflow+json"),
+                               (other, "application/json")):
+        headers = {"Idempotency-Key": each["trigger_id"], "Content-Type": content_type}
+        response = client.post("/api/trigger", content=orjson.dumps(each), headers=headers)
+        assert response.status_code == 202
+        assert response.headers["content-type"] == "application/json"
+        answers.append(response.json())
+
+    assert answers == [{"trigger_id": body["trigger_id"], "status": "accepted"},
+                       {"trigger_id": "other-id", "status": "accepted"}]
+    by_fastapi, by_fast_path = log_lines(log_path)
+    assert by_fast_path == {**by_fastapi, "trigger_id": "other-id"}
+
+
+def test_a_failing_log_forgets_the_trigger_so_that_the_retry_sends_it(tmp_path: Path) -> None:
+    log_dir = tmp_path / "not-yet"  # the log cannot be opened until this exists
+    app = create_app(log_dir / "sent.jsonl", clock=fixed_now, run_scheduler=False)
+    body = make_decision().dispatch_body()
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        failed = post(client, body)
+        assert client.get(f"/api/trigger/status/{body['trigger_id']}").status_code == 404
+        log_dir.mkdir()
+        retried = post(client, body)
+
+    assert assert_error(failed, 500) == "internal server error"
+    assert retried.status_code == 202
+    assert [line["trigger_id"] for line in log_lines(log_dir / "sent.jsonl")] == [
+        body["trigger_id"]
+    ]
+
+
 # -- the OpenAPI document ----------------------------------------------------------------------
 
 
@@ -548,6 +714,7 @@ def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -
     }
     assert set(operations) == {
         ("POST", "/api/trigger"),
+        ("POST", "/api/triggers"),
         ("GET", "/api/trigger/status"),
         ("GET", "/api/trigger/status/{trigger_id}"),
         ("POST", "/api/trigger/{trigger_id}/cancel"),
@@ -556,6 +723,7 @@ def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -
     error_ref = "#/components/schemas/ErrorBody"
     expected_errors = {
         ("POST", "/api/trigger"): {"400", "401", "409", "500"},
+        ("POST", "/api/triggers"): {"400", "401", "500"},
         ("GET", "/api/trigger/status"): {"400", "401", "404", "500"},
         ("GET", "/api/trigger/status/{trigger_id}"): {"401", "404", "500"},
         ("POST", "/api/trigger/{trigger_id}/cancel"): {"401", "404", "409", "500"},
@@ -570,6 +738,7 @@ def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -
             schema = responses[code]["content"]["application/json"]["schema"]
             assert schema == {"$ref": error_ref}
     assert operations["POST", "/api/trigger"]["responses"].keys() >= {"202"}
+    assert operations["POST", "/api/triggers"]["responses"].keys() >= {"202"}
     assert "HTTPValidationError" not in document["components"]["schemas"]
     channel = document["components"]["schemas"]["TriggerRequest"]["properties"]["channel"]
     assert channel["enum"] == ["email", "sms", "push"]
@@ -652,6 +821,55 @@ def test_store_claims_due_triggers_with_a_lease(store: TriggerStore) -> None:
     assert store.get("now") is None
 
 
+def test_store_put_many_and_the_async_methods(store: TriggerStore) -> None:
+    async def go() -> None:
+        results = await store.put_many(
+            [record("a", status="scheduled"), record("b"), record("a", status="accepted")]
+        )
+        assert [(r.trigger_id, r.answer, created) for r, created in results] == [
+            ("a", "scheduled", True), ("b", "accepted", True), ("a", "scheduled", False),
+        ]  # fmt: skip
+        [(again, created)] = await store.put_many([record("b", status="scheduled")])
+        assert (again.answer, created) == ("accepted", False)
+        assert again.payload == {"trigger_id": "b", "n": 2**70}
+        got = await store.aget("a")
+        assert got is not None and got.status == "scheduled"
+        assert await store.aget("missing") is None
+        cancelled, changed = await store.atransition("a", ["scheduled"], "cancelled")
+        assert changed and cancelled is not None and cancelled.status == "cancelled"
+        _, changed_again = await store.atransition("a", ["scheduled"], "cancelled")
+        assert not changed_again
+        await store.afinish("a")
+        await store.adiscard_many(["b"])
+        assert await store.aget("b") is None
+        await store.aclose()
+
+    asyncio.run(go())
+    assert store.claim_due(NOW_MS, limit=10, lease_ms=5000) == []  # a finished, b discarded
+    assert store.get("a") is not None
+
+
+def test_store_starts_and_finishes_deliveries_in_batches(store: TriggerStore) -> None:
+    store.put_if_absent(record("due", status="scheduled"))
+    store.put_if_absent(record("sent", status="accepted"))
+    store.put_if_absent(record("gone", status="scheduled"))
+    store.transition("gone", ["scheduled"], "cancelled")
+    store.transition("sent", ["accepted"], "sent")
+
+    started = store.start_deliveries(["due", "sent", "gone", "unknown"])
+
+    assert [r.status if r is not None else None for r in started] == [
+        "accepted", "sent", "cancelled", None
+    ]
+    store.finish_deliveries(
+        [("due", "failed", "boom"), ("sent", "failed", "x"), ("gone", None, None)]
+    )
+    due, sent = store.get("due"), store.get("sent")
+    assert due is not None and (due.status, due.error) == ("failed", "boom")
+    assert sent is not None and (sent.status, sent.error) == ("sent", None)  # not accepted
+    assert store.claim_due(NOW_MS, limit=10, lease_ms=5000) == []
+
+
 @pytest.mark.integration
 def test_redis_claims_are_exclusive_across_instances(redis_client: redis.Redis) -> None:
     stores = [RedisTriggerStore(redis_client, prefix="test:dispatch") for _ in range(4)]
@@ -682,10 +900,10 @@ def test_redis_state_survives_an_api_restart(
     clock = MutableClock()
     now_body = make_decision(0).dispatch_body()
     later_body = make_decision(1, send_at_ms=NOW_MS + 600_000).dispatch_body()
-    first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    log = tmp_path / "sent.jsonl"  # the same --log file across the restart, as in production
 
     first_email = RecordingAdapter()
-    first_app = create_app(first_log, store=RedisTriggerStore.from_url(redis_url), clock=clock,
+    first_app = create_app(log, store=RedisTriggerStore.from_url(redis_url), clock=clock,
                            adapters={"email": first_email}, scheduler_interval_s=0.01)
     with ServerThread(first_app) as server, httpx.Client(base_url=server.url) as client:
         first_answers = [post(client, now_body).json(), post(client, later_body).json()]
@@ -693,7 +911,7 @@ def test_redis_state_survives_an_api_restart(
 
     # A new process: new app, new store object, the same Redis.
     second_email = RecordingAdapter()
-    second_app = create_app(second_log, store=RedisTriggerStore.from_url(redis_url), clock=clock,
+    second_app = create_app(log, store=RedisTriggerStore.from_url(redis_url), clock=clock,
                             adapters={"email": second_email}, scheduler_interval_s=0.01)
     with ServerThread(second_app) as server, httpx.Client(base_url=server.url) as client:
         repeats = [post(client, now_body).json(), post(client, later_body).json()]
@@ -707,8 +925,27 @@ def test_redis_state_survives_an_api_restart(
 
     assert first_email.ids() == [now_body["trigger_id"]]
     assert second_email.ids() == [later_body["trigger_id"]]
-    assert len(log_lines(first_log)) == 2
-    assert log_lines(second_log) == []  # repeats are not logged
+    # Repeats are not logged again: each trigger stands once in the log.
+    assert sorted(row["trigger_id"] for row in log_lines(log)) == sorted(
+        [now_body["trigger_id"], later_body["trigger_id"]])
+
+
+def test_a_trigger_stored_but_never_logged_is_logged_when_it_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    """A process killed between storing a trigger and logging it never sent it."""
+    store = InMemoryTriggerStore()
+    log = tmp_path / "sent.jsonl"
+    body = make_decision(0).dispatch_body()
+    with ServerThread(create_app(log, store=store)) as server, \
+            httpx.Client(base_url=server.url) as client:
+        post(client, body)
+    log.write_bytes(b"")  # the line the killed process never wrote
+    with ServerThread(create_app(log, store=store)) as server, \
+            httpx.Client(base_url=server.url) as client:
+        assert post(client, body).status_code == 202
+        assert post(client, body).status_code == 202
+    assert [row["trigger_id"] for row in log_lines(log)] == [body["trigger_id"]]
 
 
 @pytest.mark.integration

@@ -2,6 +2,8 @@
 
     POST   /api/trigger                          202 {"trigger_id", "status": accepted|scheduled}
                                                  |400|409 (Idempotency-Key is not trigger_id)
+    POST   /api/triggers                         202 {"results": [{"trigger_id", "status"}, …]}
+                                                 |400 (a batch: a JSON array of trigger bodies)
     GET    /api/trigger/status?trigger_id=ID     200 {"trigger_id", "status"} | 404
     GET    /api/trigger/status/{trigger_id}      the same
     POST   /api/trigger/{trigger_id}/cancel      200 {"trigger_id", "status": "cancelled"}|404|409
@@ -18,6 +20,12 @@ one. JSON Schema cannot tie a header to a body field, so such a request is
 schema-valid; the document declares the 409 it gets. Every first-time accepted
 trigger is also appended to a JSON-lines log (`--log FILE`), which demos and
 tests read.
+
+A batch (`POST /api/triggers`, 1 to 1,000 trigger bodies) is the same as that
+many single requests, each keyed by its own `trigger_id` (no header): the
+answer lists each trigger's answer in order, a repeat (of an earlier request,
+or of an earlier item of the same batch) answered with its first answer. A
+batch with any invalid item is refused whole (400) and nothing of it is stored.
 
 Delivery. A trigger whose `send_at` is in the future is `scheduled`; the others
 are `accepted` and due at once. A scheduler thread claims what is due, sends
@@ -36,19 +44,34 @@ HMAC signature of the body (`nudgeflow.core.signing`). Every error, 404 and
 validation errors included, is JSON `{"error": "<reason>"}`, and each is
 declared in the OpenAPI document.
 
-Request handlers are plain `def`s, so FastAPI runs them on a thread pool: the
-store, the log and the scheduler are thread-safe. `ServerThread` runs the app
-on loopback in a background thread for tests and the demo; `serve()` runs it
-in the foreground for `nudgeflow dispatch-api`.
+How it is fast. Handlers are `async` and never block the event loop. Accepting
+goes through one pipeline (`_Intake`): the triggers of all requests that arrive
+while the previous round is in the store are stored together (one Redis script
+call, one round trip, however many triggers) and their log lines written with
+one write, before any of them is answered: a 202 means stored and logged, and
+a reader of the log sees a trigger before its sender sees the answer. A pure
+ASGI layer (`_FastPath`) takes a well-formed, authenticated `POST
+/api/trigger(s)` straight to the intake, with no routing, dependency injection
+or response model; anything else about such a request (a bad body or header,
+missing credentials, another content type) it hands to the FastAPI app
+unchanged, which answers exactly as it would have. Delivery runs on the
+scheduler thread, in batches, off the answer's path.
+
+`ServerThread` runs the app on loopback in a background thread for tests and
+the demo; `serve()` runs it in the foreground for `nudgeflow dispatch-api`
+(with uvloop and httptools when they are installed).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -56,14 +79,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Annotated, Any, Final, cast
 
+import orjson
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from nudgeflow.core.errors import ServiceError
 from nudgeflow.core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature_problem
@@ -84,6 +117,7 @@ from nudgeflow.dispatch_api.channels import (
 )
 from nudgeflow.dispatch_api.trigger_store import (
     InMemoryTriggerStore,
+    Outcome,
     RedisTriggerStore,
     Status,
     StoredTrigger,
@@ -98,6 +132,8 @@ __all__ = [
     "Scheduler",
     "ServerThread",
     "StoredTrigger",
+    "TriggerBatch",
+    "TriggerBatchStatus",
     "TriggerRequest",
     "TriggerStatus",
     "TriggerStore",
@@ -111,8 +147,8 @@ Clock = Callable[[], datetime]
 
 _LOOPBACK: Final = "127.0.0.1"
 _TRIGGER_PATH: Final = "/api/trigger"
-_PENDING: Final[tuple[Status, ...]] = ("scheduled", "accepted")
-_ACCEPTED: Final[tuple[Status, ...]] = ("accepted",)
+_BATCH_PATH: Final = "/api/triggers"
+_FAST_PATHS: Final = frozenset({_TRIGGER_PATH, _BATCH_PATH})
 _SCHEDULED: Final[tuple[Status, ...]] = ("scheduled",)
 
 
@@ -208,6 +244,23 @@ class TriggerStatus(BaseModel):
     status: Status
 
 
+_BATCH_MAX: Final = 1000
+
+
+class TriggerBatch(RootModel[list[TriggerRequest]]):
+    """The body of `POST /api/triggers`: 1 to 1,000 triggers, each keyed by its `trigger_id`."""
+
+    model_config = ConfigDict(frozen=True, json_schema_extra={"examples": [[_EXAMPLE_TRIGGER]]})
+
+    root: list[TriggerRequest] = Field(min_length=1, max_length=_BATCH_MAX)
+
+
+class TriggerBatchStatus(BaseModel):
+    """The answer of a batch: each trigger's answer, in the order of the batch."""
+
+    results: list[TriggerStatus]
+
+
 class ErrorBody(BaseModel):
     """Every error: 4xx for a bad or unauthenticated request, 5xx for a server fault."""
 
@@ -260,9 +313,12 @@ class Scheduler:
     """Sends what is due, through the channel adapters, and records `sent` or `failed`.
 
     `run_once()` does one round (tests call it directly); `start()` runs rounds
-    in a thread, every `interval_s` or at once after `wake()`. Deliveries of one
-    round run on a pool of `workers` threads. A delivery that dies half-way
-    (the process stops) is claimed again after `lease_s`.
+    in a thread, every `interval_s` or at once after `wake()`. A round claims
+    up to `batch` due triggers and moves them through the store together
+    (`start_deliveries`, `finish_deliveries`: a few round trips a round, not a
+    few a trigger). A channel that is only recorded needs nothing more; the
+    others' deliveries run on a pool of `workers` threads. A delivery that dies
+    half-way (the process stops) is claimed again after `lease_s`.
     """
 
     def __init__(
@@ -275,6 +331,7 @@ class Scheduler:
         interval_s: float = 0.05,
         lease_s: float = 60.0,
         workers: int = 4,
+        batch: int = 500,
     ) -> None:
         self._store = store
         self._adapters: dict[Channel, ChannelAdapter] = {
@@ -286,6 +343,7 @@ class Scheduler:
         self._interval_s = interval_s
         self._lease_ms = int(lease_s * 1000)
         self._workers = workers
+        self._batch = batch
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._wake = threading.Event()
@@ -315,9 +373,9 @@ class Scheduler:
     def run_once(self) -> int:
         """Claim what is due now and deliver it; the number claimed."""
         now_ms = datetime_to_ms(self._clock())
-        claimed = self._store.claim_due(now_ms, limit=self._workers * 8, lease_ms=self._lease_ms)
+        claimed = self._store.claim_due(now_ms, limit=self._batch, lease_ms=self._lease_ms)
         if claimed:
-            list(self._executor().map(self._deliver, claimed))
+            self._deliver_all(claimed)
         return len(claimed)
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -341,25 +399,39 @@ class Scheduler:
                 wait_s = max(wait_s, 1.0)
             self._wake.wait(wait_s)
 
-    def _deliver(self, trigger_id: str) -> None:
-        try:
-            self._deliver_one(trigger_id)
-        except Exception:
-            # Left in the queue: claimed again once its lease ends.
-            log.exception("delivery of %s failed before an outcome; will retry", trigger_id)
+    def _deliver_all(self, trigger_ids: Sequence[str]) -> None:
+        records = self._store.start_deliveries(trigger_ids)
+        outcomes: list[Outcome] = []
+        sends: list[tuple[StoredTrigger, ChannelAdapter]] = []
+        for trigger_id, record in zip(trigger_ids, records, strict=True):
+            if record is None or record.status != "accepted":
+                # Unknown (expired, discarded) or already cancelled/sent/failed: nothing to do.
+                outcomes.append((trigger_id, None, None))
+                continue
+            channel = record.payload.get("channel")
+            adapter = self._adapters.get(cast(Channel, channel)) if channel in CHANNELS else None
+            if adapter is None:
+                outcomes.append(self._failed(trigger_id, f"unknown channel {channel!r}"))
+            elif isinstance(adapter, RecordOnly):
+                outcomes.append((trigger_id, "sent", None))  # nothing leaves: nothing to look up
+            else:
+                sends.append((record, adapter))
+        if sends:
+            delivered = self._executor().map(lambda job: self._deliver(*job), sends)
+            # None: died before an outcome, left in the queue to be claimed again after its lease.
+            outcomes += [outcome for outcome in delivered if outcome is not None]
+        self._store.finish_deliveries(outcomes)
 
-    def _deliver_one(self, trigger_id: str) -> None:
-        record, _ = self._store.transition(trigger_id, _PENDING, "accepted")
-        if record is None or record.status != "accepted":
-            # Unknown (expired, discarded) or already cancelled/sent/failed: nothing to do.
-            self._store.finish(trigger_id)
-            return
-        payload = record.payload
-        channel = payload.get("channel")
-        adapter = self._adapters.get(cast(Channel, channel)) if channel in CHANNELS else None
-        if adapter is None:
-            self._fail(trigger_id, f"unknown channel {channel!r}")
-            return
+    def _deliver(self, record: StoredTrigger, adapter: ChannelAdapter) -> Outcome | None:
+        trigger_id = record.trigger_id
+        try:
+            return self._deliver_one(record, adapter)
+        except Exception:
+            log.exception("delivery of %s failed before an outcome; will retry", trigger_id)
+            return None
+
+    def _deliver_one(self, record: StoredTrigger, adapter: ChannelAdapter) -> Outcome:
+        trigger_id, payload = record.trigger_id, record.payload
         raw_message = payload.get("message")
         message = (
             Message(raw_message.get("subject"), str(raw_message.get("body", "")))
@@ -374,43 +446,70 @@ class Scheduler:
         try:
             adapter.send(message, contact, trigger_id=trigger_id)
         except DeliveryError as exc:
-            self._fail(trigger_id, str(exc))
-            return
+            return self._failed(trigger_id, str(exc))
         except Exception as exc:  # an adapter bug: failed, not retried forever
-            self._fail(trigger_id, f"{channel}: {type(exc).__name__}: {exc}")
-            return
-        self._store.transition(trigger_id, _ACCEPTED, "sent")
-        self._store.finish(trigger_id)
+            return self._failed(trigger_id, f"{adapter.channel}: {type(exc).__name__}: {exc}")
+        return trigger_id, "sent", None
 
-    def _fail(self, trigger_id: str, reason: str) -> None:
+    @staticmethod
+    def _failed(trigger_id: str, reason: str) -> Outcome:
         log.warning("delivery of %s failed: %s", trigger_id, reason)
-        self._store.transition(trigger_id, _ACCEPTED, "failed", error=reason)
-        self._store.finish(trigger_id)
+        return trigger_id, "failed", reason
 
 
 # --- the log -------------------------------------------------------------------------------
 
 
 class JsonLineLog:
-    """Appends one JSON object per line, flushed per line; safe from many threads."""
+    """Appends JSON objects, one a line; safe from many threads.
+
+    `append_many` writes any number of lines with one write, flushed at once:
+    the intake logs a round's triggers together. The log knows which trigger
+    ids it holds (read back from the file when it is first used), so a process
+    that was killed between storing a trigger and logging it can log it when
+    the trigger is sent again (`unlogged`): the log is what was sent.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
+        self._logged: set[str] | None = None
 
     @property
     def path(self) -> Path:
         return self._path
 
     def append(self, record: dict[str, Any]) -> None:
-        line = dumps(record) + b"\n"
+        self.append_many([record])
+
+    def append_many(self, records: Sequence[dict[str, Any]]) -> None:
+        data = b"".join([dumps(record) + b"\n" for record in records])
         with self._lock:
             if self._file is None:
                 # Opened on first use so that building an app creates no file.
                 self._file = self._path.open("ab")
-            self._file.write(line)
+            self._file.write(data)
             self._file.flush()
+            self._known().update(str(record["trigger_id"]) for record in records)
+
+    def unlogged(self, trigger_ids: Sequence[str]) -> set[str]:
+        """Those of `trigger_ids` that no line of the log holds."""
+        with self._lock:
+            known = self._known()
+            return {trigger_id for trigger_id in trigger_ids if trigger_id not in known}
+
+    def _known(self) -> set[str]:
+        if self._logged is None:
+            self._logged = set()
+            if self._path.exists():
+                with self._path.open("rb") as lines:
+                    for line in lines:
+                        try:
+                            self._logged.add(str(orjson.loads(line)["trigger_id"]))
+                        except (orjson.JSONDecodeError, KeyError, TypeError):
+                            continue  # a torn last line: that trigger was not logged
+        return self._logged
 
     def close(self) -> None:
         with self._lock:
@@ -419,10 +518,138 @@ class JsonLineLog:
                 self._file = None
 
 
+def _log_line(record: StoredTrigger) -> dict[str, Any]:
+    """A trigger's line: the request body as validated, without `contact`, plus `received_at`."""
+    line = {k: v for k, v in record.payload.items() if k != "contact"}
+    if line.get("message") is None:
+        line.pop("message", None)
+    line["received_at"] = record.received_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return line
+
+
+# --- accepting -----------------------------------------------------------------------------
+
+
+class _Intake:
+    """Accepts triggers: those of all requests go through one pipeline, in rounds.
+
+    A request submits its triggers and waits. A round takes everything
+    submitted meanwhile (up to `max_round` triggers), stores it with one
+    `put_many` (one Redis round trip), appends the new triggers' lines to the
+    log with one write, wakes the scheduler, and answers each request. Rounds
+    follow each other on one task; while a round waits for the store the next
+    one fills up, so the busier the API, the larger the round. A round whose
+    log write fails forgets its new triggers again (not logged means not
+    sent: the retry must find them new) and fails its requests.
+
+    Runs on the event loop; nothing in it blocks for long (the log write goes
+    to the page cache).
+    """
+
+    def __init__(
+        self,
+        store: TriggerStore,
+        json_log: JsonLineLog | None,
+        scheduler: Scheduler,
+        clock: Clock,
+        *,
+        max_round: int = 2000,
+    ) -> None:
+        self._store = store
+        self._log = json_log
+        self._scheduler = scheduler
+        self._clock = clock
+        self._max_round = max_round
+        self._queue: list[tuple[list[StoredTrigger], asyncio.Future[list[StoredTrigger]]]] = []
+        self._drainer: asyncio.Task[None] | None = None  # the loop keeps only weak references
+
+    def records(self, bodies: Sequence[TriggerRequest]) -> list[StoredTrigger]:
+        now = self._clock()
+        out = []
+        for body in bodies:
+            scheduled = body.send_at is not None and body.send_at > now
+            status: Status = "scheduled" if scheduled else "accepted"
+            due = body.send_at if scheduled and body.send_at is not None else now
+            # The body as validated (datetimes normalised, unknown fields dropped).
+            payload = body.model_dump(mode="json")
+            out.append(
+                StoredTrigger(
+                    body.trigger_id, status, now, datetime_to_ms(due), payload, first_status=status
+                )
+            )
+        return out
+
+    async def accept(self, bodies: Sequence[TriggerRequest]) -> list[StoredTrigger]:
+        """Store (and log) each body's trigger unless known; the records that answer them.
+
+        A repeat is answered from the store, whatever its body says: a replayed
+        trigger carries a new `detected_at`, and is still the same trigger.
+        """
+        records = self.records(bodies)
+        future: asyncio.Future[list[StoredTrigger]] = asyncio.get_running_loop().create_future()
+        self._queue.append((records, future))
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                await self._round(self._take())
+        finally:
+            self._drainer = None
+
+    def _take(self) -> list[tuple[list[StoredTrigger], asyncio.Future[list[StoredTrigger]]]]:
+        taken, count = 0, 0
+        for records, _ in self._queue:
+            if taken and count + len(records) > self._max_round:
+                break
+            taken += 1
+            count += len(records)
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
+
+    async def _round(
+        self, batch: list[tuple[list[StoredTrigger], asyncio.Future[list[StoredTrigger]]]]
+    ) -> None:
+        records = [record for submitted, _ in batch for record in submitted]
+        try:
+            results = await self._store.put_many(records)
+            new = [record for record, created in results if created]
+            # New triggers, and known ones the log lacks: a process killed between
+            # storing a trigger and logging it never sent it, and the sink sends it again.
+            to_log: dict[str, StoredTrigger] = {}
+            if self._log is not None:
+                unlogged = self._log.unlogged([record.trigger_id for record, _ in results])
+                for record, _ in results:
+                    if record.trigger_id in unlogged:
+                        to_log.setdefault(record.trigger_id, record)
+            if to_log and self._log is not None:
+                try:
+                    self._log.append_many([_log_line(record) for record in to_log.values()])
+                except OSError:
+                    # Not logged means not sent: forget them so that the retries send them.
+                    await self._store.adiscard_many([record.trigger_id for record in new])
+                    raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if any(record.status == "accepted" for record in new):
+            self._scheduler.wake()
+        start = 0
+        for submitted, future in batch:
+            end = start + len(submitted)
+            if not future.done():
+                future.set_result([record for record, _ in results[start:end]])
+            start = end
+
+
 # --- the app -------------------------------------------------------------------------------
 
 
-def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
+def create_app(
     log_path: Path | None = None,
     *,
     store: TriggerStore | None = None,
@@ -446,9 +673,10 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
     (default: record only). `contacts`: where contact details come from.
     `run_scheduler=False` leaves delivery to `app.state.scheduler.run_once()`.
 
-    `fail_first` is a testing aid: the first N `POST /api/trigger` calls answer
-    500 before looking at the request, so a client's retry path can be tested
-    against a real server. Leave it at 0 anywhere else.
+    `fail_first` is a testing aid: the first N `POST /api/trigger` (or
+    `/api/triggers`) calls answer 500 before looking at the request, so a
+    client's retry path can be tested against a real server. Leave it at 0
+    anywhere else.
     """
     trigger_store: TriggerStore = store if store is not None else InMemoryTriggerStore()
     json_log = JsonLineLog(log_path) if log_path is not None else None
@@ -456,6 +684,7 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
     scheduler = Scheduler(
         trigger_store, adapters, contacts, clock=clock, interval_s=scheduler_interval_s
     )
+    intake = _Intake(trigger_store, json_log, scheduler, clock)
     secret = hmac_secret.encode() if hmac_secret is not None else None
 
     @asynccontextmanager
@@ -468,9 +697,10 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
             scheduler.stop()
             if json_log is not None:
                 json_log.close()
+            await trigger_store.aclose()
 
     authenticate = _authenticator(token, secret, clock)
-    app = FastAPI(
+    app = _DispatchAPI(
         title="nudgeflow dispatch API",
         version="1",
         lifespan=lifespan,
@@ -481,10 +711,12 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
     _install_error_handlers(app)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         # Liveness for containers and orchestrators; outside the dispatch contract.
         return {"status": "alive"}
 
+    # The two POSTs below are what `_FastPath` does for a well-formed request; FastAPI gets
+    # the others, and documents both.
     @app.post(
         _TRIGGER_PATH,
         status_code=202,
@@ -492,7 +724,7 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
         responses=_errors(400, 401, 409, 500, described={409: _KEY_CONFLICT}),
         summary="Accept a trigger for delivery (idempotent by Idempotency-Key)",
     )
-    def post_trigger(
+    async def post_trigger(
         body: TriggerRequest,
         idempotency_key: Annotated[
             str,
@@ -513,35 +745,24 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
             # 409, not 400: the request is well formed (no schema can tie a header to a body
             # field); its two names for the trigger conflict. A 4xx: the sink does not retry.
             raise StarletteHTTPException(409, _KEY_MISMATCH)
-        now = clock()
-        scheduled = body.send_at is not None and body.send_at > now
-        status: Status = "scheduled" if scheduled else "accepted"
-        due = body.send_at if scheduled and body.send_at is not None else now
-        # The body as validated (datetimes normalised, unknown fields dropped).
-        payload = body.model_dump(mode="json")
-        record, created = trigger_store.put_if_absent(
-            StoredTrigger(body.trigger_id, status, now, datetime_to_ms(due), payload)
-        )
-        # A repeat is answered from the store, whatever its body says: a replayed
-        # trigger carries a new `detected_at`, and is still the same trigger.
-        if created:
-            if json_log is not None:
-                line = {k: v for k, v in payload.items() if k != "contact"}
-                if line.get("message") is None:
-                    line.pop("message", None)
-                line["received_at"] = now.astimezone(UTC).isoformat().replace("+00:00", "Z")
-                try:
-                    json_log.append(line)
-                except OSError:
-                    # Not logged means not sent: forget it so that the retry sends it.
-                    trigger_store.discard(record.trigger_id)
-                    raise
-            if not scheduled:
-                scheduler.wake()
+        [record] = await intake.accept([body])
         return TriggerStatus(trigger_id=record.trigger_id, status=record.answer)
 
-    def lookup(trigger_id: str) -> TriggerStatus:
-        record = trigger_store.get(trigger_id)
+    @app.post(
+        _BATCH_PATH,
+        status_code=202,
+        response_model=TriggerBatchStatus,
+        responses=_errors(400, 401, 500),
+        summary="Accept a batch of triggers (each idempotent by its trigger_id)",
+    )
+    async def post_triggers(body: TriggerBatch) -> TriggerBatchStatus:
+        records = await intake.accept(body.root)
+        return TriggerBatchStatus(
+            results=[TriggerStatus(trigger_id=r.trigger_id, status=r.answer) for r in records]
+        )
+
+    async def lookup(trigger_id: str) -> TriggerStatus:
+        record = await trigger_store.aget(trigger_id)
         if record is None:
             raise StarletteHTTPException(404, "unknown trigger_id")
         return TriggerStatus(trigger_id=record.trigger_id, status=record.status)
@@ -552,8 +773,8 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
         responses=_errors(400, 401, 404, 500),
         summary="The status of a trigger",
     )
-    def get_status_query(trigger_id: str) -> TriggerStatus:
-        return lookup(trigger_id)
+    async def get_status_query(trigger_id: str) -> TriggerStatus:
+        return await lookup(trigger_id)
 
     @app.get(
         "/api/trigger/status/{trigger_id}",
@@ -561,15 +782,15 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
         responses=_errors(401, 404, 500),
         summary="The status of a trigger",
     )
-    def get_status_path(trigger_id: str) -> TriggerStatus:
-        return lookup(trigger_id)
+    async def get_status_path(trigger_id: str) -> TriggerStatus:
+        return await lookup(trigger_id)
 
-    def cancel(trigger_id: str) -> TriggerStatus:
-        record, changed = trigger_store.transition(trigger_id, _SCHEDULED, "cancelled")
+    async def cancel(trigger_id: str) -> TriggerStatus:
+        record, changed = await trigger_store.atransition(trigger_id, _SCHEDULED, "cancelled")
         if record is None:
             raise StarletteHTTPException(404, "unknown trigger_id")
         if changed:
-            trigger_store.finish(trigger_id)
+            await trigger_store.afinish(trigger_id)
         elif record.status != "cancelled":
             raise StarletteHTTPException(
                 409, f"trigger is {record.status}; only a scheduled trigger can be cancelled"
@@ -582,8 +803,8 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
         responses=_errors(401, 404, 409, 500),
         summary="Cancel a scheduled trigger",
     )
-    def post_cancel(trigger_id: str) -> TriggerStatus:
-        return cancel(trigger_id)
+    async def post_cancel(trigger_id: str) -> TriggerStatus:
+        return await cancel(trigger_id)
 
     @app.delete(
         "/api/trigger/{trigger_id}",
@@ -591,20 +812,188 @@ def create_app(  # noqa: PLR0915 - the routes are closures over the app's parts
         responses=_errors(401, 404, 409, 500),
         summary="Cancel a scheduled trigger",
     )
-    def delete_trigger(trigger_id: str) -> TriggerStatus:
-        return cancel(trigger_id)
+    async def delete_trigger(trigger_id: str) -> TriggerStatus:
+        return await cancel(trigger_id)
 
-    # Runs before routing and validation, so even a malformed request gets its 500.
-    @app.middleware("http")
-    async def inject_faults(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.method == "POST" and request.url.path == _TRIGGER_PATH and faults.take():
-            return _error(500, "injected failure (fail_first)")
-        return await call_next(request)
-
+    app.fast_path = _FastPath(
+        functools.partial(FastAPI.__call__, app),
+        intake=intake,
+        faults=faults,
+        token=token,
+        secret=secret,
+        clock=clock,
+    )
     _install_openapi(app)
     return app
+
+
+class _DispatchAPI(FastAPI):
+    """The FastAPI app, with `fast_path` in front of everything for `POST /api/trigger(s)`.
+
+    In front of FastAPI's own layers, not among its middleware: those cost
+    more than the rest of accepting a trigger (FastAPI checks its telemetry
+    settings in the environment, for one, every request).
+    """
+
+    fast_path: _FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast_path = self.fast_path
+        if (
+            fast_path is not None
+            and scope["type"] == "http"
+            and scope["path"] in _FAST_PATHS
+            and scope["method"] == "POST"
+        ):
+            await fast_path(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+class _FastPath:
+    """`POST /api/trigger(s)` without FastAPI, when the request is a well-formed one.
+
+    Pure ASGI: reads the body, checks credentials and the content type, parses
+    the JSON as FastAPI would (`json.loads`), validates it with the same model,
+    hands it to the intake and sends the 202 itself (orjson). The first thing
+    that is not as it should be (anything that would make FastAPI answer 4xx,
+    or that FastAPI reads differently) makes it pass the request, body
+    included, to the app instead, which answers it as it always has: errors and
+    edge cases have one implementation, and only the accepting path has two
+    fronts on one intake. Also injects the `fail_first` failures, before
+    looking at the request.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        intake: _Intake,
+        faults: _FaultInjector,
+        token: str | None,
+        secret: bytes | None,
+        clock: Clock,
+    ) -> None:
+        self._app = app
+        self._intake = intake
+        self._faults = faults
+        self._secret = secret
+        self._clock = clock
+        # The Authorization value FastAPI surely accepts; else every request goes to FastAPI.
+        self._authorization: bytes | None = None
+        self._needs_token = token is not None
+        if token is not None and token.strip() == token and token.isascii() and token:
+            self._authorization = b"Bearer " + token.encode("ascii")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A `POST` to one of `_FAST_PATHS`."""
+        if self._faults.take():
+            await _error(500, "injected failure (fail_first)")(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        if body is None:  # the client went away
+            return
+        try:
+            answer = await self._accept(scope, body, batch=scope["path"] == _BATCH_PATH)
+        except Exception as exc:  # the store or the log failed: what FastAPI's handler does
+            log.error("dispatch API: unexpected %s", type(exc).__name__, exc_info=exc)
+            await _error(500, "internal server error")(scope, receive, send)
+            return
+        if answer is None:
+            await self._app(scope, _replay(body, receive), send)
+            return
+        await send({
+            "type": "http.response.start",
+            "status": 202,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(answer)).encode("ascii")),
+            ],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": answer})
+
+    async def _accept(self, scope: Scope, body: bytes, *, batch: bool) -> bytes | None:
+        """The answer of a well-formed request, or None to leave the request to FastAPI."""
+        headers = _first_headers(scope["headers"])
+        content_type = headers.get(b"content-type", b"")
+        if content_type != b"application/json" and not content_type.startswith(
+            b"application/json;"
+        ):
+            return None
+        if self._needs_token and (
+            self._authorization is None or headers.get(b"authorization") != self._authorization
+        ):
+            return None
+        if self._secret is not None and _signature_problem(
+            self._secret, headers, body, self._clock
+        ):
+            return None
+        try:
+            parsed = json.loads(body)  # what FastAPI (Starlette's `Request.json`) does
+            if batch:
+                bodies = TriggerBatch.model_validate(parsed).root
+            else:
+                bodies = [TriggerRequest.model_validate(parsed)]
+        except (ValueError, RecursionError):  # ValidationError and JSONDecodeError included
+            return None
+        if not batch:
+            key = headers.get(b"idempotency-key")
+            if key is None or key.decode("latin-1") != bodies[0].trigger_id:
+                return None
+        records = await self._intake.accept(bodies)
+        if not batch:
+            [record] = records
+            return orjson.dumps({"trigger_id": record.trigger_id, "status": record.answer})
+        results = [{"trigger_id": r.trigger_id, "status": r.answer} for r in records]
+        return orjson.dumps({"results": results})
+
+
+def _first_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The first value of each header (ASGI names are lower case), as Starlette reads them."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in raw:
+        headers.setdefault(name, value)
+    return headers
+
+
+def _signature_problem(
+    secret: bytes, headers: Mapping[bytes, bytes], body: bytes, clock: Clock
+) -> str | None:
+    timestamp = headers.get(TIMESTAMP_HEADER.lower().encode("ascii"))
+    signature = headers.get(SIGNATURE_HEADER.lower().encode("ascii"))
+    return signature_problem(
+        secret,
+        timestamp.decode("latin-1") if timestamp is not None else None,
+        signature.decode("latin-1") if signature is not None else None,
+        body,
+        now_s=clock().timestamp(),
+    )
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None if the client disconnected first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app after the body was read: the body again, then the real one."""
+    replayed = False
+
+    async def replay() -> ASGIMessage:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 # Declared as a security scheme, so the OpenAPI document says what to send. Module-level:
@@ -790,7 +1179,19 @@ def serve(
         token=token,
         hmac_secret=hmac_secret,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws="none")
+    # loop/http "auto": uvloop and httptools when installed (uvicorn[standard]), else asyncio
+    # and h11. No access log: a log line a request would cost more than the request.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        ws="none",
+        loop="auto",
+        http="auto",
+        proxy_headers=False,  # no proxy in front: X-Forwarded-* would only cost
+    )
 
 
 def build_app(

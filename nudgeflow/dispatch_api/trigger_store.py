@@ -27,25 +27,36 @@ Redis layout (`prefix` defaults to `nudgeflow:dispatch`):
     <prefix>:due            sorted set of ids, score = due time in epoch ms
 
 Creation, transitions and claims are Lua scripts: each is atomic in Redis.
+
+The API's request handlers use the `async` methods (`put_many`, `aget`,
+`atransition`, …), which never block the event loop: `RedisTriggerStore` runs
+them on a `redis.asyncio` client of its own (one per event loop, derived from
+the synchronous client's address), and `put_many` stores any number of
+triggers in one script call, one round trip. The scheduler thread uses the
+synchronous methods, a round's deliveries in batches (`start_deliveries`,
+`finish_deliveries`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol, cast, get_args
 
 import orjson
 import redis
+import redis.asyncio
 
 from nudgeflow.core.timeutil import datetime_to_ms, ms_to_datetime
 
 __all__ = [
     "DEFAULT_RETENTION_S",
     "InMemoryTriggerStore",
+    "Outcome",
     "RedisTriggerStore",
     "Status",
     "StoredTrigger",
@@ -56,6 +67,11 @@ __all__ = [
 Status = Literal["accepted", "scheduled", "sent", "failed", "cancelled"]
 STATUSES: Final[frozenset[str]] = frozenset(get_args(Status))
 DEFAULT_RETENTION_S: Final = 30 * 86_400
+_PENDING: Final[tuple[Status, ...]] = ("scheduled", "accepted")
+_ACCEPTED: Final[tuple[Status, ...]] = ("accepted",)
+
+# How a delivery ended: (trigger id, `sent` | `failed` | None for nothing to do, error).
+Outcome = tuple[str, Status | None, str | None]
 
 
 def dumps(value: Any) -> bytes:
@@ -96,7 +112,12 @@ class StoredTrigger:
 
 
 class TriggerStore(Protocol):
-    """Where accepted triggers are remembered; must be safe to call from many threads."""
+    """Where accepted triggers are remembered.
+
+    The synchronous methods must be safe to call from many threads (the
+    scheduler's, tests'); the `async` ones are called on the API's event loop
+    and must not block it.
+    """
 
     def put_if_absent(self, record: StoredTrigger) -> tuple[StoredTrigger, bool]:
         """Store `record` (and queue it at `due_ms`) unless its id is known.
@@ -136,6 +157,52 @@ class TriggerStore(Protocol):
         """When the earliest queued trigger is due (a claimed one: when its lease ends)."""
         ...
 
+    def start_deliveries(self, trigger_ids: Sequence[str]) -> list[StoredTrigger | None]:
+        """Claimed triggers about to be delivered: each pending one becomes `accepted`.
+
+        Returns each record as it is now (None if unknown), in order: only an
+        `accepted` one is to be delivered.
+        """
+        ...
+
+    def finish_deliveries(self, outcomes: Sequence[Outcome]) -> None:
+        """Record how deliveries ended and take them out of the due queue.
+
+        An outcome's status (`sent`, `failed`) is set only on an `accepted`
+        trigger; None just takes the trigger out of the queue.
+        """
+        ...
+
+    async def put_many(self, records: Sequence[StoredTrigger]) -> list[tuple[StoredTrigger, bool]]:
+        """`put_if_absent` of each record, in order (a repeated id is a repeat), at once."""
+        ...
+
+    async def aget(self, trigger_id: str) -> StoredTrigger | None:
+        """`get`, on the event loop."""
+        ...
+
+    async def atransition(
+        self,
+        trigger_id: str,
+        allowed: Collection[Status],
+        to: Status,
+        error: str | None = None,
+    ) -> tuple[StoredTrigger | None, bool]:
+        """`transition`, on the event loop."""
+        ...
+
+    async def afinish(self, trigger_id: str) -> None:
+        """`finish`, on the event loop."""
+        ...
+
+    async def adiscard_many(self, trigger_ids: Sequence[str]) -> None:
+        """`discard` of each, on the event loop."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the `async` methods opened on the running loop (the API's shutdown)."""
+        ...
+
 
 class InMemoryTriggerStore:
     """A dict and a due queue guarded by a lock: one process, forgotten on restart."""
@@ -150,7 +217,9 @@ class InMemoryTriggerStore:
             existing = self._records.get(record.trigger_id)
             if existing is not None:
                 return existing, False
-            stored = replace(record, first_status=record.answer)
+            stored = record
+            if record.first_status is None:
+                stored = replace(record, first_status=record.answer)
             self._records[record.trigger_id] = stored
             if record.due_ms is not None:
                 self._due[record.trigger_id] = record.due_ms
@@ -195,6 +264,54 @@ class InMemoryTriggerStore:
         with self._lock:
             return min(self._due.values(), default=None)
 
+    def start_deliveries(self, trigger_ids: Sequence[str]) -> list[StoredTrigger | None]:
+        out: list[StoredTrigger | None] = []
+        with self._lock:
+            for trigger_id in trigger_ids:
+                record = self._records.get(trigger_id)
+                if record is not None and record.status in _PENDING:
+                    record = replace(record, status="accepted")
+                    self._records[trigger_id] = record
+                out.append(record)
+        return out
+
+    def finish_deliveries(self, outcomes: Sequence[Outcome]) -> None:
+        with self._lock:
+            for trigger_id, status, error in outcomes:
+                record = self._records.get(trigger_id)
+                if status is not None and record is not None and record.status in _ACCEPTED:
+                    self._records[trigger_id] = replace(
+                        record, status=status, error=error if error is not None else record.error
+                    )
+                self._due.pop(trigger_id, None)
+
+    # The async methods: a dict behind a lock held for microseconds never blocks the loop.
+
+    async def put_many(self, records: Sequence[StoredTrigger]) -> list[tuple[StoredTrigger, bool]]:
+        return [self.put_if_absent(record) for record in records]
+
+    async def aget(self, trigger_id: str) -> StoredTrigger | None:
+        return self.get(trigger_id)
+
+    async def atransition(
+        self,
+        trigger_id: str,
+        allowed: Collection[Status],
+        to: Status,
+        error: str | None = None,
+    ) -> tuple[StoredTrigger | None, bool]:
+        return self.transition(trigger_id, allowed, to, error)
+
+    async def afinish(self, trigger_id: str) -> None:
+        self.finish(trigger_id)
+
+    async def adiscard_many(self, trigger_ids: Sequence[str]) -> None:
+        for trigger_id in trigger_ids:
+            self.discard(trigger_id)
+
+    async def aclose(self) -> None:
+        return None
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._records)
@@ -224,6 +341,62 @@ end
 return 0
 """
 
+# Any number of `_PUT`s in one call. KEYS: the due queue, then each trigger's trigger and
+# state key; ARGV: the retention, then each trigger's immutable part, status, due ms (or '')
+# and queue member. Returns, a trigger: 1 (new), or 0 and what is stored (immutable part,
+# status, error): short replies for the usual case. A repeated id in one call is a repeat of
+# its first occurrence.
+_PUT_MANY: Final = """
+local out = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local trigger_key, state_key, a = KEYS[2 * i], KEYS[2 * i + 1], 4 * i - 2
+  if redis.call('SET', trigger_key, ARGV[a], 'NX', 'EX', ARGV[1]) then
+    redis.call('HSET', state_key, 'status', ARGV[a + 1])
+    redis.call('EXPIRE', state_key, ARGV[1])
+    if ARGV[a + 2] ~= '' then redis.call('ZADD', KEYS[1], ARGV[a + 2], ARGV[a + 3]) end
+    out[#out + 1] = 1
+  else
+    local state = redis.call('HMGET', state_key, 'status', 'error')
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, redis.call('GET', trigger_key),
+      state[1], state[2]
+  end
+end
+return out
+"""
+
+# Deliveries about to start. KEYS: each trigger's trigger and state key. A scheduled or
+# accepted trigger becomes accepted. Returns 3 values a trigger: immutable part, status, error.
+_START_MANY: Final = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local state_key, o = KEYS[2 * i], 3 * i - 2
+  local status = redis.call('HGET', state_key, 'status')
+  if status == 'scheduled' then
+    redis.call('HSET', state_key, 'status', 'accepted')
+    status = 'accepted'
+  end
+  out[o], out[o + 1], out[o + 2] = redis.call('GET', KEYS[2 * i - 1]), status,
+    redis.call('HGET', state_key, 'error')
+end
+return out
+"""
+
+# Deliveries ended. KEYS: the due queue, then each trigger's state key; ARGV: each trigger's
+# queue member, new status (or '': none) and error (or ''). The status is set on an accepted
+# trigger only; every one leaves the queue.
+_FINISH_MANY: Final = """
+for i = 1, #KEYS - 1 do
+  local state_key, a = KEYS[i + 1], 3 * i - 2
+  if ARGV[a + 1] ~= '' and redis.call('HGET', state_key, 'status') == 'accepted' then
+    redis.call('HSET', state_key, 'status', ARGV[a + 1])
+    if ARGV[a + 2] ~= '' then redis.call('HSET', state_key, 'error', ARGV[a + 2]) end
+  end
+  redis.call('ZREM', KEYS[1], ARGV[a])
+end
+return #KEYS - 1
+"""
+
 _CLAIM: Final = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
@@ -237,10 +410,43 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
 
 
+# What an asyncio client copies of a synchronous client's connection settings.
+_COPIED_SETTINGS: Final = (
+    "db", "username", "password", "socket_timeout", "socket_connect_timeout", "client_name",
+    "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data",
+    "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+)  # fmt: skip
+
+
+def async_client_like(client: redis.Redis) -> redis.asyncio.Redis:
+    """A `redis.asyncio` client of the same server, database and credentials as `client`."""
+    pool = client.connection_pool
+    settings = pool.connection_kwargs
+    common: dict[str, Any] = {k: settings[k] for k in _COPIED_SETTINGS if k in settings}
+    if "path" in settings:
+        return redis.asyncio.Redis(unix_socket_path=settings["path"], **common)
+    ssl = issubclass(pool.connection_class, redis.connection.SSLConnection)
+    return redis.asyncio.Redis(
+        host=settings.get("host", "localhost"), port=settings.get("port", 6379), ssl=ssl, **common
+    )
+
+
+class _AsyncScripts:
+    """An asyncio client and its scripts, for one event loop."""
+
+    def __init__(self, client: redis.asyncio.Redis, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.loop = loop
+        self.put_many = client.register_script(_PUT_MANY)
+        self.transition = client.register_script(_TRANSITION)
+
+
 class RedisTriggerStore:
     """Triggers in Redis: idempotent across API restarts and API instances.
 
-    `client` must not decode responses (the default of `redis.Redis`).
+    `client` must not decode responses (the default of `redis.Redis`). The
+    `async` methods use `async_client` if given, else a client like `client`
+    made on first use (one per event loop).
     """
 
     def __init__(
@@ -249,6 +455,7 @@ class RedisTriggerStore:
         *,
         prefix: str = "nudgeflow:dispatch",
         retention_s: int = DEFAULT_RETENTION_S,
+        async_client: redis.asyncio.Redis | None = None,
     ) -> None:
         if retention_s <= 0:
             msg = f"retention_s must be > 0, got {retention_s}"
@@ -260,6 +467,10 @@ class RedisTriggerStore:
         self._put = client.register_script(_PUT)
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
+        self._start_many = client.register_script(_START_MANY)
+        self._finish_many = client.register_script(_FINISH_MANY)
+        self._given_async_client = async_client
+        self._async: _AsyncScripts | None = None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisTriggerStore:
@@ -276,8 +487,9 @@ class RedisTriggerStore:
     def _member(trigger_id: str) -> bytes:
         return trigger_id.encode("utf-8", "surrogatepass")
 
-    def put_if_absent(self, record: StoredTrigger) -> tuple[StoredTrigger, bool]:
-        immutable = dumps(
+    @staticmethod
+    def _immutable(record: StoredTrigger) -> bytes:
+        return dumps(
             {
                 "trigger_id": record.trigger_id,
                 "received_at_ms": datetime_to_ms(record.received_at),
@@ -286,6 +498,9 @@ class RedisTriggerStore:
                 "first_status": record.answer,
             }
         )
+
+    def put_if_absent(self, record: StoredTrigger) -> tuple[StoredTrigger, bool]:
+        immutable = self._immutable(record)
         reply = self._put(
             keys=[
                 self._key(b"trigger", record.trigger_id),
@@ -344,6 +559,111 @@ class RedisTriggerStore:
             list[tuple[bytes, float]], self._client.zrange(self._due_key, 0, 0, withscores=True)
         )
         return int(first[0][1]) if first else None
+
+    def start_deliveries(self, trigger_ids: Sequence[str]) -> list[StoredTrigger | None]:
+        if not trigger_ids:
+            return []
+        keys: list[bytes] = []
+        for trigger_id in trigger_ids:
+            keys += [self._key(b"trigger", trigger_id), self._key(b"state", trigger_id)]
+        reply = cast(list[Any], self._start_many(keys=keys))
+        return [self._record(*reply[3 * i : 3 * i + 3]) for i in range(len(trigger_ids))]
+
+    def finish_deliveries(self, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        keys: list[bytes] = [self._due_key]
+        args: list[bytes | str] = []
+        for trigger_id, status, error in outcomes:
+            keys.append(self._key(b"state", trigger_id))
+            args += [self._member(trigger_id), status or "", error or ""]
+        self._finish_many(keys=keys, args=args)
+
+    # --- on the event loop ---
+
+    def _on_loop(self) -> _AsyncScripts:
+        loop = asyncio.get_running_loop()
+        scripts = self._async
+        if scripts is None or scripts.loop is not loop:
+            # A client's connections belong to the loop they were opened on.
+            client = self._given_async_client or async_client_like(self._client)
+            scripts = self._async = _AsyncScripts(client, loop)
+        return scripts
+
+    async def put_many(self, records: Sequence[StoredTrigger]) -> list[tuple[StoredTrigger, bool]]:
+        if not records:
+            return []
+        keys: list[bytes] = [self._due_key]
+        args: list[bytes | str | int] = [self._retention_s]
+        for record in records:
+            trigger_id = record.trigger_id
+            keys += [self._key(b"trigger", trigger_id), self._key(b"state", trigger_id)]
+            args += [
+                self._immutable(record),
+                record.status,
+                "" if record.due_ms is None else record.due_ms,
+                self._member(record.trigger_id),
+            ]
+        reply = cast(list[Any], await self._on_loop().put_many(keys=keys, args=args))
+        out: list[tuple[StoredTrigger, bool]] = []
+        at = 0
+        for record in records:
+            stored = None
+            if reply[at]:
+                at += 1
+            else:
+                stored = self._record(reply[at + 1], reply[at + 2], reply[at + 3])
+                at += 4
+            if stored is not None:
+                out.append((stored, False))
+            elif record.first_status is not None:
+                # New, or (as `put_if_absent`) a record that vanished meanwhile: told as new.
+                out.append((record, True))
+            else:
+                out.append((replace(record, first_status=record.answer), True))
+        return out
+
+    async def aget(self, trigger_id: str) -> StoredTrigger | None:
+        async with self._on_loop().client.pipeline(transaction=False) as pipe:
+            pipe.get(self._key(b"trigger", trigger_id))
+            pipe.hmget(self._key(b"state", trigger_id), ["status", "error"])
+            raw, (status, error) = await pipe.execute()
+        return self._record(raw, status, error)
+
+    async def atransition(
+        self,
+        trigger_id: str,
+        allowed: Collection[Status],
+        to: Status,
+        error: str | None = None,
+    ) -> tuple[StoredTrigger | None, bool]:
+        scripts = self._on_loop()
+        state_key = self._key(b"state", trigger_id)
+        # One round trip: the script, then the record as the script left it.
+        async with scripts.client.pipeline(transaction=False) as pipe:
+            args = [to, error or "", *allowed]
+            await scripts.transition(keys=[state_key], args=args, client=pipe)
+            pipe.get(self._key(b"trigger", trigger_id))
+            pipe.hmget(state_key, ["status", "error"])
+            changed, raw, (status, error_text) = await pipe.execute()
+        return self._record(raw, status, error_text), bool(changed)
+
+    async def afinish(self, trigger_id: str) -> None:
+        await self._on_loop().client.zrem(self._due_key, self._member(trigger_id))
+
+    async def adiscard_many(self, trigger_ids: Sequence[str]) -> None:
+        if not trigger_ids:
+            return
+        keys = [self._key(kind, t) for t in trigger_ids for kind in (b"trigger", b"state")]
+        async with self._on_loop().client.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys)
+            pipe.zrem(self._due_key, *(self._member(t) for t in trigger_ids))
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        scripts, self._async = self._async, None
+        if scripts is not None and scripts.client is not self._given_async_client:
+            await scripts.client.aclose()
 
     def _record(
         self, raw: bytes | None, status: bytes | None, error: bytes | None
