@@ -45,10 +45,14 @@ class DispatchSettings(BaseModel):
 
     url: str = "http://127.0.0.1:8080"
     token: SecretStr | None = None
-    # Requests in flight per sink partition: a 50 ms API carries max_in_flight / 0.05 s.
-    max_in_flight: int = Field(default=64, ge=1)
+    # Requests in flight per sink partition (batches count one each). Fresh connections
+    # opened all at once are slow to set up; batches carry the load (batch_max).
+    max_in_flight: int = Field(default=16, ge=1)
     # Decisions handed to a partition and not yet answered; past it the flow waits.
     max_queued: int = Field(default=4096, ge=1)
+    # Decisions waiting together go out in one POST {url}/api/triggers of up to this many
+    # (1: never); an API without that endpoint (404, 405) gets single requests only.
+    batch_max: int = Field(default=100, ge=1)
     # Sink partitions (each one event loop and pool); default: one per worker of the run.
     partitions: int | None = Field(default=None, ge=1)
     timeout_s: float = Field(default=0.15, gt=0)

@@ -89,6 +89,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRIGGER_PATH: Final = "/api/trigger"
+BATCH_PATH: Final = "/api/triggers"
+# Batch requests of one partition in flight at once.
+_BATCHES_IN_FLIGHT: Final = 8
 # A Retry-After beyond this is clamped: one trigger must not stall a worker for minutes.
 DEFAULT_MAX_RETRY_AFTER_S: Final = 30.0
 # 2**60 times any sane base is far beyond any cap; it keeps the float finite.
@@ -202,6 +205,9 @@ class Dispatcher:
         self._owns_client = client is None
         self._client = client if client is not None else make_client(settings, transport)
         self._url = settings.url.rstrip("/") + TRIGGER_PATH
+        self._batch_url = settings.url.rstrip("/") + BATCH_PATH
+        # Cleared for good when the API has no batch endpoint.
+        self.batches = settings.batch_max > 1
         self._timeout_s = settings.timeout_s
         self._max_in_flight = settings.max_in_flight
         self._max_attempts = settings.max_attempts
@@ -262,6 +268,55 @@ class Dispatcher:
         The failure callback is not called here (see `fail`).
         """
         return await self._send_one(decision, self._loop_semaphore())
+
+    async def send_batch(self, decisions: Sequence[Decision]) -> list[DispatchResult] | None:
+        """Send many decisions in one `POST /api/triggers`, or None if that did not work out.
+
+        Only the happy path: on anything but a 2xx with one accepted result per
+        decision (a refusal, an error, an open circuit, a render failure) the
+        caller sends them one by one, with every retry and breaker rule of
+        `send_one`. A 404 or 405 means the API has no batch endpoint: batching
+        stops for good.
+        """
+        if not self.batches or self._breaker.state is not CircuitState.CLOSED:
+            return None
+        start = self._clock()
+        try:
+            bodies = [self._body(decision) for decision in decisions]
+            content = orjson.dumps(bodies)
+        except Exception:  # the single path reports it, decision by decision
+            return None
+        headers = self._headers("", content)
+        del headers["Idempotency-Key"]  # each body's trigger_id is its key
+        try:
+            async with self._loop_semaphore(), asyncio.timeout(self._timeout_s):
+                response = await self._client.post(
+                    self._batch_url, content=content, headers=headers, timeout=self._timeout_s
+                )
+        except (TimeoutError, httpx.HTTPError):
+            return None
+        if response.status_code in {404, 405}:
+            self.batches = False
+            logger.info("dispatch API has no %s: sending triggers one by one", BATCH_PATH)
+            return None
+        if not 200 <= response.status_code < 300:
+            return None
+        try:
+            answered = orjson.loads(response.content)["results"]
+            ids = [item["trigger_id"] for item in answered]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        if ids != [decision.trigger.trigger_id for decision in decisions]:
+            return None
+        latency_ms = (self._clock() - start) * 1000.0
+        return [DispatchResult(tid, True, response.status_code, 1, None, latency_ms)
+                for tid in ids]
+
+    def _body(self, decision: Decision) -> dict[str, Any]:
+        body = decision.dispatch_body()
+        if self._render is not None:
+            body["message"] = self._render(decision)
+        return body
 
     def fail(self, decision: Decision, result: DispatchResult) -> None:
         """Hand a decision the API did not take to the failure callback."""
@@ -527,6 +582,61 @@ class _BackgroundLoop:
         self.loop.close()
 
 
+class _Batcher:
+    """Gathers the decisions waiting on one loop into batch requests; one alone goes single.
+
+    Nothing waits to fill a batch: a decision that finds no batch forming and
+    a free slot goes out at once (as a single request when it is alone), and
+    whatever arrives while requests are in flight makes up the next ones, so
+    batches grow only with the load. Up to `_BATCHES_IN_FLIGHT` at once.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, batch_max: int) -> None:
+        self._dispatcher = dispatcher
+        self._batch_max = batch_max
+        self._waiting: list[tuple[Decision, asyncio.Future[DispatchResult]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    async def deliver(self, decision: Decision) -> DispatchResult:
+        if not self._dispatcher.batches:
+            return await self._dispatcher.send_one(decision)
+        future: asyncio.Future[DispatchResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((decision, future))
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        while self._waiting and self._in_flight < _BATCHES_IN_FLIGHT:
+            taken = self._waiting[: self._batch_max]
+            del self._waiting[: self._batch_max]
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send(taken))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, taken: list[tuple[Decision, asyncio.Future[DispatchResult]]]) -> None:
+        decisions = [decision for decision, _ in taken]
+        try:
+            results = None
+            if len(decisions) > 1:
+                results = await self._dispatcher.send_batch(decisions)
+            if results is None:  # alone, or the batch did not work out: one by one
+                results = list(await asyncio.gather(
+                    *(self._dispatcher.send_one(decision) for decision in decisions)))
+            for (_, future), result in zip(taken, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        except BaseException as exc:
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        finally:
+            self._in_flight -= 1
+            self._start()
+
+
 class _DispatchPartition(StatefulSinkPartition[Decision, None]):
     """One sink partition: requests go out in the background, the flow never waits for them.
 
@@ -547,12 +657,15 @@ class _DispatchPartition(StatefulSinkPartition[Decision, None]):
         on_failure: FailureCallback,
         flush_timeout_s: float,
         max_queued: int,
+        *,
+        batch_max: int = 1,
     ) -> None:
         self._background = _BackgroundLoop("nudgeflow-dispatch")
         self._client = self._background.run(_create(client_factory))
         self._on_failure = on_failure
         self._flush_timeout_s = flush_timeout_s
         self._dispatcher = dispatcher_factory(self._client, on_failure)
+        self._batcher = _Batcher(self._dispatcher, batch_max)
         self._slots = threading.BoundedSemaphore(max_queued)
         self._lock = threading.Lock()
         self._pending: set[concurrent.futures.Future[DispatchResult]] = set()
@@ -569,7 +682,7 @@ class _DispatchPartition(StatefulSinkPartition[Decision, None]):
             if not decision.dispatched:
                 continue
             self._slots.acquire()
-            future = self._background.submit(self._dispatcher.send_one(decision))
+            future = self._background.submit(self._batcher.deliver(decision))
             with self._lock:
                 self._pending.add(future)
                 self._idle.clear()
@@ -683,7 +796,7 @@ class DispatchSink(FixedPartitionedSink[Decision, None]):
         clients = self._client_factory or functools.partial(make_client, self._settings)
         return _DispatchPartition(
             self._dispatcher, clients, on_failure, self._flush_timeout_s,
-            self._settings.max_queued,
+            self._settings.max_queued, batch_max=self._settings.batch_max,
         )
 
     def _dispatcher(self, client: httpx.AsyncClient, on_failure: FailureCallback) -> Dispatcher:

@@ -540,3 +540,87 @@ def test_hmac_signature_covers_timestamp_and_exact_body(caplog: pytest.LogCaptur
         assert "Authorization" not in request.headers
     assert "hm4c-secret" not in caplog.text
     assert "hm4c-secret" not in repr(settings)
+
+
+# -- batches ---------------------------------------------------------------------------
+
+
+class BatchApi(Api):
+    """The scripted API with `POST /api/triggers` too (or, with `has_batches=False`, a 404)."""
+
+    def __init__(self, *, has_batches: bool = True, batch_status: int = 202) -> None:
+        super().__init__()
+        self.has_batches = has_batches
+        self.batch_status = batch_status
+        self.batches: list[list[str]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/api/triggers":
+            return await super().__call__(request)
+        self.requests.append(request)
+        if not self.has_batches:
+            return httpx.Response(404, json={"error": "not found"})
+        ids = [body["trigger_id"] for body in orjson.loads(request.content)]
+        self.batches.append(ids)
+        if self.batch_status != 202:
+            return httpx.Response(self.batch_status, json={"error": "down"})
+        return httpx.Response(202, json={"results": [
+            {"trigger_id": tid, "status": "accepted"} for tid in ids]})
+
+
+def _flow_through_sink(api: Api, decisions: list[Decision], **settings: Any) -> list[Failures]:
+    failures: list[Failures] = []
+
+    def failure_callback() -> Failures:
+        failures.append(Failures())
+        return failures[-1]
+
+    sink = DispatchSink(
+        make_settings(**settings),
+        client_factory=lambda: httpx.AsyncClient(transport=httpx.MockTransport(api)),
+        failure_factory=failure_callback,
+        sleep=FakeSleep(),
+    )
+    run_main(build_flow(decisions, sink))
+    return failures
+
+
+def test_decisions_waiting_together_go_out_in_batches() -> None:
+    api = BatchApi()
+    decisions = [make_decision(n) for n in range(300)]
+
+    failures = _flow_through_sink(api, decisions, batch_max=50)
+
+    batched = [tid for batch in api.batches for tid in batch]
+    singles = [r.headers.get("Idempotency-Key") for r in api.requests
+               if r.url.path == "/api/trigger"]
+    assert sorted(batched + singles) == sorted(d.trigger.trigger_id for d in decisions)
+    assert api.batches and max(len(batch) for batch in api.batches) <= 50
+    assert len(api.requests) < len(decisions)  # fewer requests than triggers
+    assert all(not f.items for f in failures)
+
+
+def test_an_api_without_the_batch_endpoint_gets_single_requests() -> None:
+    api = BatchApi(has_batches=False)
+    decisions = [make_decision(n) for n in range(60)]
+
+    failures = _flow_through_sink(api, decisions, batch_max=50)
+
+    batch_calls = [r for r in api.requests if r.url.path == "/api/triggers"]
+    assert len(batch_calls) <= 8  # those in flight when the first 404 came, then never again
+    singles = [r.headers["Idempotency-Key"] for r in api.requests
+               if r.url.path == "/api/trigger"]
+    assert sorted(singles) == sorted(d.trigger.trigger_id for d in decisions)
+    assert all(not f.items for f in failures)
+
+
+def test_a_refused_batch_falls_back_to_single_requests_with_their_retries() -> None:
+    api = BatchApi(batch_status=503)
+    decisions = [make_decision(n) for n in range(40)]
+
+    failures = _flow_through_sink(api, decisions, batch_max=50)
+
+    singles = {r.headers["Idempotency-Key"] for r in api.requests
+               if r.url.path == "/api/trigger"}
+    assert singles == {d.trigger.trigger_id for d in decisions}
+    assert all(not f.items for f in failures)
