@@ -2,7 +2,10 @@
 
 Needs the services of `scripts/services.sh up` (KAFKA_BOOTSTRAP, REDIS_URL in
 the environment, or `--brokers` / `--redis-url`). Prints progress and the table
-on stderr / stdout; `--json` writes every number with its runs and the machine.
+on stderr / stdout; `--json` writes every number with its runs and the machine,
+and the latency sweep's plot next to it (`FILE` with `.png`, or `--plot PNG`;
+needs matplotlib, the `bench` extra: without it the plot is skipped with a
+message).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -25,24 +29,32 @@ def parser() -> argparse.ArgumentParser:
         "Throughput against a plain-consumer ceiling, event-to-dispatch latency, timer lag "
         "and state per user, on the real Kafka and Redis of scripts/services.sh."
     ))
-    p.add_argument("--quick", action="store_true",
-                   help="small stream, short runs: under 3 minutes (default: the full run, "
-                        "about 30 minutes)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="200k-event topic, capped runs: under 5 minutes (default: the full "
+                           "run, about 40 minutes)")
+    size.add_argument("--smoke", action="store_true",
+                      help="every phase at its smallest, 1 round: checks that the bench works "
+                           "(CI), its numbers mean nothing")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--plot", type=Path,
+                   help="the latency sweep's PNG (default: the --json file with .png)")
     p.add_argument("--brokers", help="Kafka bootstrap (default: $KAFKA_BOOTSTRAP)")
     p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL); the bench uses "
                                        "database --redis-db of that server")
     p.add_argument("--redis-db", type=int, help="Redis database for the profiles (default 15)")
     p.add_argument("--users", type=positive_int, help="shoppers in the generated stream")
     p.add_argument("--runs", type=positive_int, help="runs per measure (default 3)")
-    p.add_argument("--max-events", type=positive_int, help="events per throughput run")
+    p.add_argument("--max-events", type=positive_int, help="events per flow run, at most")
+    p.add_argument("--max-seconds", type=positive_float,
+                   help="seconds per flow run from its first read, at most")
     p.add_argument("--latency-seconds", type=positive_float, help="seconds per paced segment")
     p.add_argument("--memory-users", type=positive_int, help="users of the memory measure")
     p.add_argument("--memory-clones", type=positive_int,
                    help="copy the memory measure's states to this many times the users")
     p.add_argument("--memory-runs", type=positive_int, help="runs of the memory measure")
     p.add_argument("--levers", action="store_true",
-                   help="instead: measure the levers of issue 4 (bench/levers.py)")
+                   help="instead: measure the levers of issue 4 (nudgeflow/bench/levers.py)")
     return p
 
 
@@ -57,9 +69,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from nudgeflow.bench import harness
 
-    config = harness.QUICK if args.quick else harness.FULL
+    config = harness.QUICK if args.quick else harness.SMOKE if args.smoke else harness.FULL
     overrides = {
         "users": args.users, "runs": args.runs, "max_events": args.max_events,
+        "max_seconds": args.max_seconds,
         "latency_seconds": args.latency_seconds, "memory_users": args.memory_users,
         "memory_clones": args.memory_clones, "memory_runs": args.memory_runs,
         "redis_db": args.redis_db,
@@ -73,6 +86,9 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             print(levers.render(result))
         else:
             result = harness.run(config, bootstrap=bootstrap, redis_url=redis_url)
+            plot_path = args.plot or (args.json.with_suffix(".png") if args.json else None)
+            if plot_path is not None:
+                _plot(result, plot_path)
             print(harness.render(result))
     except NudgeflowError as exc:
         print(f"nudgeflow bench: error: {exc}", file=sys.stderr)
@@ -87,6 +103,19 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     return 0
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    from nudgeflow.bench.plot import plot
+
+    try:
+        problem = plot(result, path)
+    except (OSError, ValueError) as exc:
+        problem = f"cannot write {path}: {exc}"
+    result["plot"] = None if problem else str(path)
+    result["plot_note"] = problem
+    if problem:
+        print(f"nudgeflow bench: plot skipped: {problem}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ Two modes:
 - `drain`: the full default live flow (`nudgeflow.flows.live.build_live_flow`: Redis
   profiles, detection, the decisions and dead-letter topics, the dispatch API)
   with the input replaced by bytewax's `KafkaSource(tail=False)` on the
-  pre-filled topic, so the run ends when every partition reaches its end. The
-  source is wrapped to note when the first message was read; the process writes
+  pre-filled topic, so the run ends when every partition reaches its end, or
+  after `max_events` (split over the partitions), or `max_seconds` after the
+  first message was read, whichever comes first. The source is wrapped to note
+  when the first message was read; the process writes
   `{"first_read": …, "end": …, "events": …}` (wall seconds) to
-  `<result>.<process_id>.json` after the flow returned.
+  `<result>.<process_id>.json` after the flow returned: events/s is
+  events / (end - first_read), the flow's final flushes included.
 - `tail`: exactly `nudgeflow run`'s flow on the job's topic, until stopped by a
   signal (the latency phase).
 
@@ -30,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FlowJob", "main"]
+__all__ = ["FlowJob", "counting_kafka_source", "main", "null_sink", "write_result"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class FlowJob:
     fetch_queue_backoff_ms: int = 10
     gc_freeze: bool = True  # as `run_live` does once the flow is built
     max_events: int | None = None  # drain: stop after about this many (split over partitions)
+    max_seconds: float | None = None  # drain: stop this long after the first message read
     max_in_flight: int | None = None
     dispatch_timeout_s: float | None = None
     # Levers and attributions (nudgeflow.bench.levers); the defaults are the flow as shipped.
@@ -81,7 +85,15 @@ class _Clock:
     events = 0
 
 
-def _counting_source(job: FlowJob) -> Any:
+def counting_kafka_source(bootstrap: str, topic: str, *, batch_size: int = 500,
+                          fetch_queue_backoff_ms: int = 10, max_events: int | None = None,
+                          max_seconds: float | None = None) -> Any:
+    """bytewax's `KafkaSource(tail=False)` from the beginning, counting into `_Clock`.
+
+    Ends at the end of every partition, after `max_events` (split evenly over the
+    partitions), or once `max_seconds` have passed since this process read its
+    first message, whichever comes first.
+    """
     from bytewax.connectors.kafka import KafkaSource
     from bytewax.inputs import StatefulSourcePartition
     from confluent_kafka import OFFSET_BEGINNING
@@ -91,8 +103,16 @@ def _counting_source(job: FlowJob) -> Any:
             self._inner = inner
             self._left = cap
 
-        def next_batch(self) -> list[Any]:
+        def _stop(self) -> bool:
             if self._left is not None and self._left <= 0:
+                return True
+            first = _Clock.first_read
+            return max_seconds is not None and first is not None and (
+                time.time() - first >= max_seconds
+            )
+
+        def next_batch(self) -> list[Any]:
+            if self._stop():
                 _Clock.eof = time.time()
                 raise StopIteration
             try:
@@ -121,15 +141,37 @@ def _counting_source(job: FlowJob) -> Any:
     class CountingKafkaSource(KafkaSource):
         def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
             cap = None
-            if job.max_events is not None:
-                cap = -(-job.max_events // len(self.list_parts()))
+            if max_events is not None:
+                cap = -(-max_events // len(self.list_parts()))
             return CountingPartition(super().build_part(step_id, for_part, resume_state), cap)
 
     return CountingKafkaSource(
-        [job.bootstrap], [job.topic], tail=False, starting_offset=OFFSET_BEGINNING,
-        add_config={"fetch.queue.backoff.ms": str(job.fetch_queue_backoff_ms)},
-        batch_size=job.batch_size,
+        [bootstrap], [topic], tail=False, starting_offset=OFFSET_BEGINNING,
+        add_config={"fetch.queue.backoff.ms": str(fetch_queue_backoff_ms)},
+        batch_size=batch_size,
     )
+
+
+def _counting_source(job: FlowJob) -> Any:
+    return counting_kafka_source(
+        job.bootstrap, job.topic, batch_size=job.batch_size,
+        fetch_queue_backoff_ms=job.fetch_queue_backoff_ms, max_events=job.max_events,
+        max_seconds=job.max_seconds,
+    )
+
+
+def write_result(path: Path, process_id: int, started: float) -> None:
+    """What the counting source saw, with the flow's end (now), as JSON at `path`."""
+    result = {
+        "process_id": process_id,
+        "started": started,
+        "first_read": _Clock.first_read,
+        "eof": _Clock.eof,
+        "end": time.time(),
+        "events": _Clock.events,
+        "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+    path.write_text(json.dumps(result))
 
 
 def build(job: FlowJob) -> Any:
@@ -209,8 +251,12 @@ def _null_sink_class() -> Any:
     return NullSink
 
 
-def _NullSink() -> Any:  # noqa: N802 - reads as the class it builds
+def null_sink() -> Any:
+    """A bytewax sink that drops every item."""
     return _null_sink_class()()
+
+
+_NullSink = null_sink  # reads as the class it builds, in `build`
 
 
 def main(argv: list[str]) -> int:
@@ -232,17 +278,7 @@ def main(argv: list[str]) -> int:
                  addresses=job.addresses)
     else:
         cli_main(flow, workers_per_process=job.workers_per_process)
-    end = time.time()
-    result = {
-        "process_id": process_id,
-        "started": started,
-        "first_read": _Clock.first_read,
-        "eof": _Clock.eof,
-        "end": end,
-        "events": _Clock.events,
-        "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }
-    job.result_path(process_id).write_text(json.dumps(result))
+    write_result(job.result_path(process_id), process_id, started)
     return 0
 
 

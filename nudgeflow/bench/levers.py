@@ -76,6 +76,7 @@ def _flow_levers(run: Any, prefill: dict[str, Any], api_url: str) -> dict[str, A
         decisions_topic=decisions, result="", batch_size=config.batch_size,
         fetch_queue_backoff_ms=config.fetch_queue_backoff_ms,
         dispatch_timeout_s=config.dispatch_timeout_s, max_events=config.max_events,
+        max_seconds=config.max_seconds,
     )
     timeout_s = 60.0 + prefill["messages"] / 500.0
     profiles_file = run.workdir / "profiles.jsonl"

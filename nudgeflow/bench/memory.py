@@ -30,10 +30,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "measure", "rss_bytes"]
+__all__ = [
+    "Built", "build_logics", "clone_logic", "load_raw_profiles", "main", "measure",
+    "new_detector", "rss_bytes",
+]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -50,34 +54,61 @@ def _settle() -> int:
     return rss_bytes()
 
 
-def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str, Any]:
+@dataclass
+class Built:
+    """Every user's detection logic after the recorded stream, and what it took."""
+
+    detector: Any
+    clock: Any
+    logics: dict[str, Any]
+    events: int
+    decisions: int
+    seconds: float
+
+
+def load_raw_profiles(profiles_path: Path) -> dict[str, bytes]:
+    """The profile file's lines by user id (parsed into `Profile`s per event, as Redis's are)."""
     import orjson
 
-    from nudgeflow.core.envelope import Envelope, Origin
-    from nudgeflow.core.events import Event, decode_event
-    from nudgeflow.core.profiles import profile_from_mapping
-    from nudgeflow.core.rules import load_rules
-    from nudgeflow.core.settings import DEFAULT_RULES
-    from nudgeflow.operators.detect import LiveClock, _DetectLogic
-    from nudgeflow.operators.detector import Detector
-
-    detector = Detector(load_rules(DEFAULT_RULES))
-    # Raw profiles are loaded before the baseline; the Profile objects made from them
-    # per user (as the Redis lookup makes them) count towards the users' state.
     raw_profiles: dict[str, bytes] = {}
     with profiles_path.open("rb") as handle:
         for line in handle:
             if line.strip():
                 raw_profiles[orjson.loads(line)["user_id"]] = line
+    return raw_profiles
+
+
+def new_detector() -> Any:
+    """The default rules' `Detector`, every module the stream needs imported with it."""
+    from nudgeflow.core import envelope, events, profiles  # noqa: F401 - imported, not used
+    from nudgeflow.core.rules import load_rules
+    from nudgeflow.core.settings import DEFAULT_RULES
+    from nudgeflow.operators import detect  # noqa: F401
+    from nudgeflow.operators.detector import Detector
+
+    return Detector(load_rules(DEFAULT_RULES))
+
+
+def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
+                 detector: Any | None = None) -> Built:
+    """The stream of LINES through one `_DetectLogic` per user, kept as bytewax keeps them."""
+    import orjson
+
+    from nudgeflow.core.envelope import Envelope, Origin
+    from nudgeflow.core.events import Event, decode_event
+    from nudgeflow.core.profiles import profile_from_mapping
+    from nudgeflow.operators.detect import LiveClock, _DetectLogic
+
+    if detector is None:
+        detector = new_detector()
     wall = [0]
     clock = LiveClock(lambda: wall[0])
     logics: dict[str, _DetectLogic] = {}
     events = decisions = 0
-    baseline = _settle()
     started = time.perf_counter()
     with lines_path.open("rb") as handle:
         for line in handle:
-            arrival, user_id, raw = line.rstrip(b"\n").split(b" ", 2)
+            arrival, _user_id, raw = line.rstrip(b"\n").split(b" ", 2)
             event = decode_event(raw)
             if not isinstance(event, Event):
                 continue
@@ -94,17 +125,40 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str,
             events += 1
             if discard:
                 del logics[uid]
-            del user_id
-    elapsed = time.perf_counter() - started
+    return Built(detector, clock, logics, events, decisions, time.perf_counter() - started)
+
+
+def clone_logic(detector: Any, clock: Any, logic: Any, new_id: str) -> Any:
+    """A copy of `logic` under `new_id`, unpickled from its snapshot: nothing is shared."""
+    from nudgeflow.operators import snapshot
+    from nudgeflow.operators.detect import _DetectLogic
+
+    state, last_arrival, source = snapshot.decode(detector, logic.snapshot())
+    state.user_id = new_id
+    clone = _DetectLogic(detector, state, clock, None)
+    clone.last_arrival = last_arrival
+    clone.source = source
+    return clone
+
+
+def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str, Any]:
+    # Raw profiles are loaded before the baseline; the Profile objects made from them
+    # per user (as the Redis lookup makes them) count towards the users' state.
+    raw_profiles = load_raw_profiles(profiles_path)
+    # The code and the rules are loaded before the baseline too: they are not per user.
+    detector = new_detector()
+    baseline = _settle()
+    built = build_logics(lines_path, raw_profiles, detector)
     after = _settle()
+    logics = built.logics
     users = len(logics)
     snapshots = [logic.snapshot() for logic in logics.values()]
     pickled = sum(len(s) for s in snapshots)
     result: dict[str, Any] = {
-        "events": events,
-        "decisions": decisions,
+        "events": built.events,
+        "decisions": built.decisions,
         "users": users,
-        "seconds": round(elapsed, 1),
+        "seconds": round(built.seconds, 1),
         "rss_baseline_bytes": baseline,
         "rss_delta_bytes": after - baseline,
         "rss_per_user": (after - baseline) / users if users else None,
@@ -112,27 +166,19 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str,
     }
     if clones > 1:
         del snapshots
-        result.update(_scaled(detector, clock, logics, clones, baseline))
+        result.update(_scaled(built.detector, built.clock, logics, clones, baseline))
     return result
 
 
 def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
             baseline: int) -> dict[str, Any]:
     """Copy every held state `clones - 1` times under new ids; the RSS per user then."""
-    from nudgeflow.operators import snapshot
-    from nudgeflow.operators.detect import _DetectLogic
-
-    copies: list[dict[str, _DetectLogic]] = []
+    copies: list[dict[str, Any]] = []
     for k in range(1, clones):
-        copy: dict[str, _DetectLogic] = {}
+        copy: dict[str, Any] = {}
         for uid, logic in logics.items():
-            state, last_arrival, source = snapshot.decode(detector, logic.snapshot())
             new_id = f"c{k}-{uid}"
-            state.user_id = new_id
-            clone = _DetectLogic(detector, state, clock, None)
-            clone.last_arrival = last_arrival
-            clone.source = source
-            copy[new_id] = clone
+            copy[new_id] = clone_logic(detector, clock, logic, new_id)
         copies.append(copy)
     scaled = _settle()
     total = len(logics) * clones

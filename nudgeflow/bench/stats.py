@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["machine_info", "percentile", "spread", "table"]
+__all__ = ["machine_info", "percentile", "spread", "sweep_table", "table"]
 
 
 def spread(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
@@ -106,16 +106,47 @@ def _row(label: str, s: dict[str, Any] | None, unit: str = "") -> list[str]:
             str(len(s["runs"]))]
 
 
+def _one(value: float | None) -> dict[str, Any] | None:
+    return None if value is None else {"median": value, "min": value, "max": value,
+                                       "runs": [value]}
+
+
+_THROUGHPUT_ROWS = (
+    ("ceiling_plain", "ceiling: confluent-kafka + orjson loop, whole topic (events/s)"),
+    ("ceiling_bytewax", "ceiling: bytewax, keyed stateful_map counter, whole topic (events/s)"),
+    ("flow_default_1w", "flow, default rules, 1 worker (events/s)"),
+    ("flow_cart_1w", "flow, cart_abandonment only, 1 worker (events/s)"),
+    ("flow_instant_api_1w", "flow, default rules, instant loopback API (events/s)"),
+    ("flow_slow_api_1w", "flow, default rules, {delay} ms loopback API (events/s)"),
+    ("flow_default_2p_1p", "flow, 2 processes, 1 partition (events/s)"),
+    ("flow_default_2p_4p", "flow, 2 processes, 4 partitions (events/s)"),
+)
+
+
 def table(result: dict[str, Any]) -> str:
     """The results as a Markdown table (also what `nudgeflow bench` prints)."""
     rows: list[list[str]] = [["measure", "median", "min", "max", "runs"]]
     tp = result["throughput"]
-    rows.append(_row("ceiling: confluent-kafka + orjson, 1 process (events/s)",
-                     result["ceiling"]))
-    rows.append(_row("flow, 1 worker, 1 partition (events/s)", tp.get("1w_1p")))
-    rows.append(_row("flow, 2 processes, 1 partition (events/s)", tp.get("2p_1p")))
-    rows.append(_row("flow, 2 processes, 4 partitions (events/s)", tp.get("2p_4p")))
-    rows.append(_row("ratio: flow 1 worker / ceiling (per run)", result["ratio_detail"]))
+    delay = _fmt(result.get("slow_api", {}).get("delay_ms"))
+    for key, label in _THROUGHPUT_ROWS:
+        if key in tp:
+            rows.append(_row(label.format(delay=delay), tp[key]))
+    ratios = result.get("ratios", {})
+    rows.append(_row("ratio: flow / plain ceiling (per round)", ratios.get("ratio")))
+    rows.append(_row("ratio_bytewax: flow / bytewax ceiling (per round)",
+                     ratios.get("ratio_bytewax")))
+    rows.append(_row(f"slow_api_ratio: {delay} ms API / instant API (per round)",
+                     ratios.get("slow_api_ratio")))
+    api = result.get("dispatch_api") or {}
+    if api.get("accepted_per_s") is not None:
+        value = api["accepted_per_s"]
+        runs = api.get("runs") or 1
+        rows.append(_row("reference dispatch API alone (accepted/s, api_rps)", {
+            "median": value, "min": api.get("min", value), "max": api.get("max", value),
+            "runs": [value] * runs,
+        }))
+    else:
+        rows.append(_row("reference dispatch API alone (accepted/s, api_rps)", None))
     for name in ("50", "80"):
         lat = result["latency"].get(f"at_{name}pct")
         if not lat:
@@ -131,6 +162,45 @@ def table(result: dict[str, Any]) -> str:
             rows.append(_row(f"state per active user, {users} users: RSS (bytes)", s["rss"]))
             rows.append(_row(f"state per active user, {users} users: pickled (bytes)",
                              s["pickled"]))
+    for label, entry in (result.get("snapshots") or {}).get("users", {}).items():
+        n = f"{entry['users']:,}"
+        rows.append(_row(f"snapshot per epoch, {n} users touched (ms)", entry["ms"]))
+        rows.append(_row(f"snapshot bytes per epoch, {n} users (MB)",
+                         _one(round(entry["bytes"] / 1e6, 1))))
+        growth = entry.get("sqlite_growth_bytes")
+        if growth:
+            rows.append(_row(f"SQLite recovery store growth per epoch, {n} users (MB)", {
+                k: (round(v / 1e6, 1) if k != "runs" else [round(x / 1e6, 1) for x in v])
+                for k, v in growth.items()
+            }))
+            rows.append(_row(f"recovery writes per epoch, {n} users (ms)",
+                             entry.get("recovery_write_ms")))
+        del label
+    return _markdown(rows)
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    """The latency sweep: one row per offered rate (medians of its segments)."""
+    rows: list[list[str]] = [["offered rate", "% of drain", "achieved", "p50 ms", "p95 ms",
+                              "p99 ms", "timer p99 ms", "segments"]]
+    for point in result.get("latency_sweep") or []:
+        rows.append([
+            f"{_fmt(point['rate_eps'])} ev/s", f"{point['pct']:g}%",
+            _fmt(point.get("achieved_eps")), _fmt(point.get("p50")), _fmt(point.get("p95")),
+            _fmt(point.get("p99")), _fmt(point.get("timer_p99")), str(point["segments"]),
+        ])
+    knee = result.get("latency_knee")
+    text = _markdown(rows)
+    budget = _fmt(result.get("latency_budget_ms"))
+    if knee:
+        text += (f"\nknee: p99 within the {budget} ms budget up to {_fmt(knee['rate_eps'])} "
+                 f"ev/s ({knee['pct']:g}% of the drain rate)")
+    else:
+        text += f"\nknee: no offered rate had its p99 within the {budget} ms budget"
+    return text
+
+
+def _markdown(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):

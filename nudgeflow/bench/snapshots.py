@@ -1,0 +1,232 @@
+"""Snapshot time and recovery store growth per epoch, when N users were touched in it.
+
+    python -m nudgeflow.bench.snapshots LINES PROFILES RESULT.json --users N [--users M ...]
+                                        [--runs R] [--sqlite-users N ...] [--workdir DIR]
+
+With recovery on, bytewax snapshots every key that its stateful step touched
+in an epoch, at the epoch's end: the detect step's `_DetectLogic.snapshot()`
+(`nudgeflow.operators.snapshot.encode`) once per touched user, and writes the
+bytes to the recovery store (one SQLite file per recovery partition). What it
+costs, for N users touched in one epoch:
+
+1. **base**: the recorded stream (LINES, PROFILES as `nudgeflow.bench.memory`
+   reads them) through one `_DetectLogic` per user, as the live flow holds them;
+2. **N users**: the base users, and when N is more, copies of them under new
+   ids (each a pickle round trip of a base user's state: nothing shared),
+   cycling over the base until there are N;
+3. **snapshot**: R times, `logic.snapshot()` of all N users, timed (the GC on,
+   as in the flow): `ms` per epoch, and the bytes
+   produced (the sum of the snapshots' sizes, what the store must take);
+4. **SQLite** (for N in `--sqlite-users`): a bytewax flow, recovery on
+   (`init_db_dir(dir, 1)`, one epoch for the whole run), whose stateful step
+   holds the N logics and touches each once; the growth of the recovery
+   directory (every file, `-wal` included) is the store's growth for that
+   epoch. The run's wall time minus that of the same flow without recovery
+   is what writing the store adds to the epoch (`recovery_write_ms`; R
+   interleaved pairs): bytewax calls `snapshot()` of every key touched in an
+   epoch at its end with recovery off too (and drops the bytes), so the
+   snapshot time of step 3 is paid by every live flow, recovery or not.
+
+The result is JSON: per `users_<N>` the spread of `ms`, `bytes`, `bytes_per_user`,
+and with SQLite `sqlite_growth_bytes` and `recovery_write_ms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import pickle
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from nudgeflow.bench.memory import build_logics, load_raw_profiles
+from nudgeflow.bench.stats import spread
+
+__all__ = ["main", "measure", "users_label"]
+
+
+def users_label(users: int) -> str:
+    """`users_100k`, `users_1m`, `users_2500`: the JSON key of N users."""
+    if users % 1_000_000 == 0:
+        return f"users_{users // 1_000_000}m"
+    if users % 1000 == 0:
+        return f"users_{users // 1000}k"
+    return f"users_{users}"
+
+
+def _grow(built: Any, logics: list[Any], target: int) -> None:
+    """Append copies of the base users to `logics` until it holds `target`.
+
+    A copy is the base user's `UserState` through a pickle round trip (nothing
+    shared, and 10x faster than decoding its snapshot), under a new id.
+    """
+    from nudgeflow.operators.detect import _DetectLogic
+
+    base = list(built.logics.values())
+    pickled = [pickle.dumps(logic.user, protocol=pickle.HIGHEST_PROTOCOL) for logic in base]
+    # Without the collector while millions of objects are made (its full passes over a
+    # growing heap would take longer than the copying); one full pass afterwards.
+    gc.disable()
+    try:
+        while len(logics) < target:
+            k = len(logics)
+            original = base[k % len(base)]
+            state = pickle.loads(pickled[k % len(base)])  # our own bytes, just made
+            state.user_id = f"s{k // len(base)}-{original.user.user_id}"
+            clone = _DetectLogic(built.detector, state, built.clock, None)
+            clone.last_arrival = original.last_arrival
+            clone.source = original.source
+            logics.append(clone)
+    finally:
+        gc.enable()
+    gc.collect()
+
+
+def _time_snapshots(logics: Sequence[Any]) -> tuple[float, int]:
+    started = time.perf_counter()
+    blobs = [logic.snapshot() for logic in logics]
+    elapsed = time.perf_counter() - started
+    return elapsed * 1000.0, sum(len(b) for b in blobs)
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _held_flow(logics: Sequence[Any]) -> Any:
+    """A bytewax flow whose stateful step holds `logics` (one per key) and touches each once."""
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.operators import StatefulBatchLogic
+    from bytewax.testing import TestingSource
+
+    from nudgeflow.bench.flowproc import null_sink
+
+    by_id = {logic.user.user_id: logic for logic in logics}
+
+    class Held(StatefulBatchLogic[str, None, bytes]):
+        """One user's `_DetectLogic`, taken on its first value; bytewax snapshots it."""
+
+        def __init__(self) -> None:
+            self.inner: Any = None
+
+        def on_batch(self, values: list[str]) -> tuple[Iterable[None], bool]:
+            self.inner = by_id[values[0]]
+            return [], False
+
+        def snapshot(self) -> bytes:
+            blob: bytes = self.inner.snapshot()
+            return blob
+
+    flow = Dataflow("bench_snapshots")
+    ids = op.input("ids", flow, TestingSource(list(by_id), batch_size=1000))
+    keyed = op.key_on("key", ids, lambda uid: uid)
+    held = op.stateful_batch("detect", keyed, lambda _resume: Held())
+    op.output("out", held, null_sink())
+    return flow
+
+
+def _sqlite_epoch(logics: Sequence[Any], workdir: Path, runs: int) -> dict[str, Any]:
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.testing import run_main
+
+    growth: list[int] = []
+    write_ms: list[float] = []
+    plain_s: list[float] = []
+    recovered_s: list[float] = []
+    for index in range(runs):
+        flow = _held_flow(logics)
+        gc.collect()
+        started = time.perf_counter()
+        run_main(flow, epoch_interval=timedelta(hours=1))
+        plain = time.perf_counter() - started
+        directory = workdir / f"recovery-{len(logics)}-{index}"
+        directory.mkdir(parents=True)
+        init_db_dir(directory, 1)
+        before = _dir_bytes(directory)
+        flow = _held_flow(logics)
+        gc.collect()
+        started = time.perf_counter()
+        run_main(flow, epoch_interval=timedelta(hours=1),
+                 recovery_config=RecoveryConfig(str(directory)))
+        recovered = time.perf_counter() - started
+        growth.append(_dir_bytes(directory) - before)
+        shutil.rmtree(directory, ignore_errors=True)
+        plain_s.append(plain)
+        recovered_s.append(recovered)
+        write_ms.append((recovered - plain) * 1000.0)
+    return {
+        "sqlite_growth_bytes": spread(growth, 0),
+        "recovery_write_ms": spread(write_ms, 1),
+        "flow_without_recovery_s": spread(plain_s, 3),
+        "flow_with_recovery_s": spread(recovered_s, 3),
+    }
+
+
+def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs: int = 3,
+            sqlite_users: Sequence[int] = (), workdir: Path | None = None) -> dict[str, Any]:
+    """Every measure above, for each N of `users` (ascending)."""
+    started = time.perf_counter()
+    built = build_logics(lines_path, load_raw_profiles(profiles_path))
+    build_s = time.perf_counter() - started
+    base = len(built.logics)
+    if not base:
+        msg = "the stream left no user to snapshot"
+        raise ValueError(msg)
+    out: dict[str, Any] = {"base_users": base, "base_events": built.events,
+                           "build_s": round(build_s, 1), "users": {}}
+    logics: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="nudgeflow-snapshots-", dir=workdir) as tmp:
+        for target in sorted(set(users)):
+            if target <= base:
+                logics = list(built.logics.values())[:target]
+            else:
+                if len(logics) < base:
+                    logics = list(built.logics.values())
+                started = time.perf_counter()
+                _grow(built, logics, target)
+                out.setdefault("clone_s", {})[users_label(target)] = round(
+                    time.perf_counter() - started, 1)
+            timings = [_time_snapshots(logics) for _ in range(runs)]
+            size = timings[0][1]
+            entry: dict[str, Any] = {
+                "users": target,
+                "cloned_from": base if target > base else None,
+                "ms": spread([ms for ms, _ in timings], 1),
+                "bytes": size,
+                "bytes_per_user": round(size / target, 1),
+                "us_per_user": round(statistics.median(ms for ms, _ in timings) * 1000 / target,
+                                     2),
+            }
+            if target in sqlite_users:
+                entry.update(_sqlite_epoch(logics, Path(tmp), runs))
+            out["users"][users_label(target)] = entry
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nudgeflow.bench.snapshots")
+    parser.add_argument("lines", type=Path)
+    parser.add_argument("profiles", type=Path)
+    parser.add_argument("result", type=Path)
+    parser.add_argument("--users", type=int, action="append", required=True)
+    parser.add_argument("--sqlite-users", type=int, action="append", default=[])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    result = measure(args.lines, args.profiles, args.users, runs=args.runs,
+                     sqlite_users=args.sqlite_users, workdir=args.workdir)
+    args.result.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
