@@ -264,7 +264,28 @@ class CountInWindowLogic(RuleLogic):
         return state is None or ((state[0] is None or state[0].empty) and state[1].empty)
 
 
-class ThresholdLogic(RuleLogic):
+class _CooldownsOnly(RuleLogic):
+    """A rule whose only per-user state is its cooldowns."""
+
+    cooldown_ms: int
+
+    def new_state(self) -> Cooldowns:
+        return Cooldowns(self.cooldown_ms)
+
+    def prune(self, state: Cooldowns, watermark: int) -> None:
+        state.prune(watermark)
+
+    def state_empty(self, state: Cooldowns | None) -> bool:
+        return state is None or state.empty
+
+    def dump(self, state: Cooldowns) -> Any:
+        return state.to_data()
+
+    def load(self, data: Any) -> Cooldowns:
+        return Cooldowns.from_data(self.cooldown_ms, data)
+
+
+class ThresholdLogic(_CooldownsOnly):
     """A matching event whose numeric `field` is above `above`."""
 
     kind = "threshold"
@@ -272,10 +293,8 @@ class ThresholdLogic(RuleLogic):
     def __init__(self, config: ThresholdRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.cooldown_ms = config.cooldown
         self.watches = frozenset({config.match.event})
-
-    def new_state(self) -> Cooldowns:
-        return Cooldowns(self.rule.cooldown)
 
     def on_event(self, step: Step, event: Event, session: Session | None) -> None:
         if not self.rule.match.matches(event):
@@ -297,18 +316,6 @@ class ThresholdLogic(RuleLogic):
             metadata[self.rule.scope] = scope_value(scope)
         if step.fire(self, event.ts, scope, metadata):
             cooldowns.record(scope, event.ts)
-
-    def prune(self, state: Cooldowns, watermark: int) -> None:
-        state.prune(watermark)
-
-    def state_empty(self, state: Cooldowns | None) -> bool:
-        return state is None or state.empty
-
-    def dump(self, state: Cooldowns) -> Any:
-        return state.to_data()
-
-    def load(self, data: Any) -> Cooldowns:
-        return Cooldowns.from_data(self.rule.cooldown, data)
 
 
 class RevisitLogic(RuleLogic):
@@ -364,7 +371,7 @@ class RevisitLogic(RuleLogic):
         return [tuple(x) for x in seen], Cooldowns.from_data(self.rule.cooldown, cooldowns)
 
 
-class SessionCloseLogic(RuleLogic):
+class SessionCloseLogic(_CooldownsOnly):
     """A closed session that had every `require` match and no `forbid` match."""
 
     kind = "session_close"
@@ -372,6 +379,7 @@ class SessionCloseLogic(RuleLogic):
     def __init__(self, config: SessionCloseRule, order: int, require: list[int], forbid: list[int]):
         super().__init__(config, order)
         self.rule = config
+        self.cooldown_ms = config.cooldown
         # indices into the detector's list of session matchers
         self.require = require
         self.forbid = forbid
@@ -381,9 +389,6 @@ class SessionCloseLogic(RuleLogic):
         require = [sessions.add(m) for m in config.require]
         forbid = [sessions.add(m) for m in config.forbid]
         return cls(config, order, require, forbid)
-
-    def new_state(self) -> Cooldowns:
-        return Cooldowns(self.rule.cooldown)
 
     def on_session_close(self, step: Step, session: Session) -> None:
         matched = session.matched
@@ -410,18 +415,6 @@ class SessionCloseLogic(RuleLogic):
         }
         if step.fire(self, fired_at, "", metadata):
             cooldowns.record("", fired_at)
-
-    def prune(self, state: Cooldowns, watermark: int) -> None:
-        state.prune(watermark)
-
-    def state_empty(self, state: Cooldowns | None) -> bool:
-        return state is None or state.empty
-
-    def dump(self, state: Cooldowns) -> Any:
-        return state.to_data()
-
-    def load(self, data: Any) -> Cooldowns:
-        return Cooldowns.from_data(self.rule.cooldown, data)
 
 
 class SequenceCountLogic(RuleLogic):
