@@ -4,7 +4,8 @@
 
 A tiny asyncio HTTP/1.1 server (keep-alive, no framework, nothing logged):
 every `POST` is answered `202 {"trigger_id": <the body's>, "status": "accepted"}`
-after DELAY_MS, whatever the path; `GET /stats` answers `{"requests": N,
+after DELAY_MS (a `POST /api/triggers` batch: `{"results": [...]}`, one per
+body, as the reference API answers it); `GET /stats` answers `{"requests": N,
 "delay_ms": D}` at once. Requests are handled concurrently (one task per
 connection), so the delay is a latency, not a rate limit: a client with k
 requests in flight gets up to k / delay answers per second. It checks nothing,
@@ -68,9 +69,7 @@ class _Server:
                     self.requests += 1
                     if self.delay_s > 0:
                         await asyncio.sleep(self.delay_s)
-                    status, payload = "202 Accepted", orjson.dumps(
-                        {"trigger_id": _trigger_id(body), "status": "accepted"}
-                    )
+                    status, payload = "202 Accepted", _answer(path, body)
                 elif method == "GET" and path == "/stats":
                     status, payload = "200 OK", orjson.dumps(
                         {"requests": self.requests, "delay_ms": self.delay_s * 1000}
@@ -91,6 +90,17 @@ class _Server:
         finally:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 writer.close()
+
+
+def _answer(path: str, body: bytes) -> bytes:
+    if path.endswith("/api/triggers"):  # a batch: one result per body, in order
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            items = []
+        ids = [item.get("trigger_id") for item in items if isinstance(item, dict)]
+        return orjson.dumps({"results": [{"trigger_id": i, "status": "accepted"} for i in ids]})
+    return orjson.dumps({"trigger_id": _trigger_id(body), "status": "accepted"})
 
 
 def _trigger_id(body: bytes) -> str | None:
