@@ -1,6 +1,6 @@
 # One image for the flow (`nudgeflow run`, the default) and the dispatch API
 # (`nudgeflow dispatch-api ...`); see docker-compose.yml. Configured only through
-# NUDGEFLOW_* environment variables (nudgeflow/settings.py).
+# NUDGEFLOW_* environment variables (nudgeflow/core/settings.py).
 #
 # The base is pinned to a patch release; bump it deliberately (and consider
 # pinning its digest too: python:3.11.13-slim-bookworm@sha256:...).
