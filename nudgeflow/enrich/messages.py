@@ -468,7 +468,6 @@ def _split_subject(text: str) -> tuple[str | None, str]:
 
 # --- sample contexts per rule kind ---------------------------------------------------------
 
-_SAMPLE_FIRED_AT: Final = SAMPLE_FIRED_AT
 _LONG_NAME: Final = "Maximiliane Alexandra von Hohenzollern-Sigmaringen"
 _PROFILES: Final = {
     "typical": Profile(segment="regular", opt_in=("email", "sms", "push"), name="Ada Lovelace"),
@@ -497,8 +496,8 @@ def sample_contexts(rule: Rule) -> dict[str, tuple[Trigger, Profile]]:
             trigger_id="00000000-0000-5000-8000-000000000000",
             trigger_type=rule.name,
             user_id="u-sample",
-            fired_at_ms=_SAMPLE_FIRED_AT,
-            detected_at_ms=_SAMPLE_FIRED_AT + 12,
+            fired_at_ms=SAMPLE_FIRED_AT,
+            detected_at_ms=SAMPLE_FIRED_AT + 12,
             segment=rule.segment or profile.segment,
             metadata=_sample_metadata(rule, sample),
         )

@@ -296,10 +296,6 @@ class Detector:
         self.sends.finish(step)
         return step.out
 
-    def next_deadline(self, user: UserState) -> int | None:
-        """The watermark past which the user's next timer is due, or None."""
-        return user.timers.next_deadline()
-
     def stream_due(self, user: UserState) -> int | None:
         """The stream clock at which the user's next timer is due (their watermark past it)."""
         deadline = user.timers.next_deadline()
@@ -316,12 +312,6 @@ class Detector:
         """The stream clock `S` at which `c + (S - S0)` reaches `user_clock`."""
         anchor = user.stream_at if user.stream_at is not None else self._event_clock(user)
         return anchor + max(0, user_clock - self._event_clock(user))
-
-    def expires_at(self, user: UserState) -> int | None:
-        """The `max_ts` past which nothing of this user can matter, or None if never seen."""
-        if user.admission.max_ts is None:
-            return None
-        return user.admission.max_ts + self.horizon
 
     def idle(self, user: UserState) -> bool:
         """True when the user's state holds nothing: it may be dropped."""

@@ -354,13 +354,11 @@ class Dispatcher:
     async def _send_one(self, decision: Decision, semaphore: asyncio.Semaphore) -> DispatchResult:
         trigger_id = decision.trigger.trigger_id
         start = self._clock()
-        body = decision.dispatch_body()
-        if self._render is not None:
-            try:
-                body["message"] = self._render(decision)
-            except Exception as exc:  # a template or lookup problem: no retry can fix it
-                why = f"message not rendered: {_describe(exc)}"
-                return DispatchResult(trigger_id, False, None, 0, why, 0.0)
+        try:
+            body = self._body(decision)
+        except Exception as exc:  # a template or lookup problem: no retry can fix it
+            why = f"message not rendered: {_describe(exc)}"
+            return DispatchResult(trigger_id, False, None, 0, why, 0.0)
         try:
             content = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:
