@@ -293,7 +293,7 @@ class Dispatcher:
                 response = await self._client.post(
                     self._batch_url, content=content, headers=headers, timeout=self._timeout_s
                 )
-        except (TimeoutError, httpx.HTTPError):
+        except Exception:  # whatever went wrong, the single path does it properly
             return None
         if response.status_code in {404, 405}:
             self.batches = False

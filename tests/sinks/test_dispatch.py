@@ -89,13 +89,19 @@ class Failures:
 
 
 class Api:
-    """A scripted dispatch API: answers from `script` per trigger_id, then 202."""
+    """A scripted dispatch API: answers from `script` per trigger_id, then 202.
+
+    It has no batch endpoint (404, not recorded), like an API that speaks only
+    EVENTS.md 3: the sink then sends every trigger on its own.
+    """
 
     def __init__(self, script: dict[str, list[httpx.Response | Exception]] | None = None) -> None:
         self.script = script or {}
         self.requests: list[httpx.Request] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/triggers":
+            return httpx.Response(404, json={"error": "not found"})
         self.requests.append(request)
         trigger_id = request.headers["Idempotency-Key"]
         planned = self.script.get(trigger_id)
