@@ -705,7 +705,9 @@ def _snapshots(run: _Run) -> dict[str, Any]:
         sqlite = entry.get("sqlite_growth_bytes")
         run.log(f"snapshots, {label}: {entry['ms']['median']:,.0f} ms per epoch, "
                 f"{entry['bytes'] / 1e6:,.1f} MB"
-                + (f", SQLite +{sqlite['median'] / 1e6:,.1f} MB" if sqlite else ""))
+                + (f", SQLite +{sqlite['median'] / 1e6:,.1f} MB" if sqlite else "")
+                + f"; by shard {entry['shards']['ms']['median']:,.0f} ms "
+                f"({entry['shards']['ms_unchanged']['median']:,.0f} ms unchanged)")
     return result
 
 
@@ -812,6 +814,12 @@ def _summary(config: BenchConfig, machine: dict[str, Any], started_at: datetime,
         "snapshot_ms_per_epoch": {
             label: snap_users[label]["ms"]["median"] for label in headline_snapshots
             if label in snap_users
+        },
+        # Keyed by shard, every shard touched in the epoch: all users changed, or none.
+        "snapshot_ms_per_epoch_shards": {
+            label: {"changed": snap_users[label]["shards"]["ms"]["median"],
+                    "unchanged": snap_users[label]["shards"]["ms_unchanged"]["median"]}
+            for label in headline_snapshots if label in snap_users
         },
         "recovery_bytes_per_epoch": {
             label: snap_users[label]["bytes"] for label in headline_snapshots

@@ -1,15 +1,15 @@
 """State per active user: `python -m nudgeflow.bench.memory LINES PROFILES RESULT.json [CLONES]`.
 
-Runs the recorded stream through the detection operator's own per-user logic
-(`nudgeflow.operators.detect._DetectLogic`, what bytewax keeps per key in live mode, with
-the wall clock simulated by each line's arrival time) and keeps every user's
-logic in a dict, as bytewax keeps one per key. Measured:
+Runs the recorded stream through the detection operator's own logic
+(`nudgeflow.operators.detect._DetectLogic`, one per shard as bytewax keeps them in
+live mode, with the wall clock simulated by each line's arrival time); each
+shard holds its users' `UserSlot`s. Measured:
 
 - `rss`: the growth of the process's resident memory from before the first
   event to after the last (after a full GC and `malloc_trim`), divided by the
   users whose state is still held; it includes the allocator's fragmentation,
   which is real memory too;
-- `pickled`: the size of each user's snapshot (`_DetectLogic.snapshot()`), a
+- `pickled`: the size of each user's snapshot (`shard_snapshot.encode_user`), a
   cross-check that does not depend on the allocator.
 
 With CLONES = k > 1 the held states are then copied k-1 times under new user
@@ -56,11 +56,11 @@ def _settle() -> int:
 
 @dataclass
 class Built:
-    """Every user's detection logic after the recorded stream, and what it took."""
+    """Every user's slot after the recorded stream (held by their shard), and what it took."""
 
     detector: Any
     clock: Any
-    logics: dict[str, Any]
+    logics: dict[str, Any]  # user id -> `UserSlot`
     events: int
     decisions: int
     seconds: float
@@ -91,19 +91,20 @@ def new_detector() -> Any:
 
 def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
                  detector: Any | None = None) -> Built:
-    """The stream of LINES through one `_DetectLogic` per user, kept as bytewax keeps them."""
+    """The stream of LINES through one `_DetectLogic` per shard, kept as bytewax keeps them."""
     import orjson
 
     from nudgeflow.core.envelope import Envelope, Origin
     from nudgeflow.core.events import Event, decode_event
     from nudgeflow.core.profiles import profile_from_mapping
-    from nudgeflow.operators.detect import LiveClock, _DetectLogic
+    from nudgeflow.operators.detect import DEFAULT_SHARDS, LiveClock, _DetectLogic, shard_key
 
     if detector is None:
         detector = new_detector()
     wall = [0]
     clock = LiveClock(lambda: wall[0])
-    logics: dict[str, _DetectLogic] = {}
+    shards: dict[str, _DetectLogic] = {}
+    key = shard_key(DEFAULT_SHARDS)
     events = decisions = 0
     started = time.perf_counter()
     with lines_path.open("rb") as handle:
@@ -113,32 +114,32 @@ def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
             if not isinstance(event, Event):
                 continue
             wall[0] = int(arrival)
-            uid = event.user_id
-            logic = logics.get(uid)
-            if logic is None:
-                logic = logics[uid] = _DetectLogic(detector, None, clock, None)
-            raw_profile = raw_profiles.get(uid)
+            raw_profile = raw_profiles.get(event.user_id)
             profile = profile_from_mapping(orjson.loads(raw_profile)) if raw_profile else None
             envelope = Envelope(event, raw, Origin(), profile, wall[0])
+            shard = key(envelope)
+            logic = shards.get(shard)
+            if logic is None:
+                logic = shards[shard] = _DetectLogic(detector, clock, None,
+                                                     shards=DEFAULT_SHARDS)
             out, discard = logic.on_batch([envelope])
             decisions += sum(1 for _ in out)
             events += 1
             if discard:
-                del logics[uid]
-    return Built(detector, clock, logics, events, decisions, time.perf_counter() - started)
+                del shards[shard]
+    slots = {uid: slot for logic in shards.values() for uid, slot in logic.users.items()}
+    return Built(detector, clock, slots, events, decisions, time.perf_counter() - started)
 
 
-def clone_logic(detector: Any, clock: Any, logic: Any, new_id: str) -> Any:
-    """A copy of `logic` under `new_id`, unpickled from its snapshot: nothing is shared."""
-    from nudgeflow.operators import snapshot
-    from nudgeflow.operators.detect import _DetectLogic
+def clone_logic(detector: Any, clock: Any, slot: Any, new_id: str) -> Any:
+    """A copy of the user `slot` under `new_id`, unpickled from its snapshot: nothing shared."""
+    from nudgeflow.operators import shard_snapshot, snapshot
+    from nudgeflow.operators.detect import UserSlot
 
-    state, last_arrival, source = snapshot.decode(detector, logic.snapshot())
+    blob = shard_snapshot.encode_user(detector, slot.state, slot.last_arrival, slot.source)
+    state, last_arrival, source = snapshot.decode(detector, blob)
     state.user_id = new_id
-    clone = _DetectLogic(detector, state, clock, None)
-    clone.last_arrival = last_arrival
-    clone.source = source
-    return clone
+    return UserSlot(state, last_arrival, source)
 
 
 def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str, Any]:
@@ -152,7 +153,10 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str,
     after = _settle()
     logics = built.logics
     users = len(logics)
-    snapshots = [logic.snapshot() for logic in logics.values()]
+    from nudgeflow.operators.shard_snapshot import encode_user
+
+    snapshots = [encode_user(detector, slot.state, slot.last_arrival, slot.source)
+                 for slot in logics.values()]
     pickled = sum(len(s) for s in snapshots)
     result: dict[str, Any] = {
         "events": built.events,
@@ -176,9 +180,9 @@ def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
     copies: list[dict[str, Any]] = []
     for k in range(1, clones):
         copy: dict[str, Any] = {}
-        for uid, logic in logics.items():
+        for uid, slot in logics.items():
             new_id = f"c{k}-{uid}"
-            copy[new_id] = clone_logic(detector, clock, logic, new_id)
+            copy[new_id] = clone_logic(detector, clock, slot, new_id)
         copies.append(copy)
     scaled = _settle()
     total = len(logics) * clones

@@ -63,15 +63,15 @@ def users_label(users: int) -> str:
 
 
 def _grow(built: Any, logics: list[Any], target: int) -> None:
+    from nudgeflow.operators.detect import UserSlot
+
     """Append copies of the base users to `logics` until it holds `target`.
 
     A copy is the base user's `UserState` through a pickle round trip (nothing
     shared, and 10x faster than decoding its snapshot), under a new id.
     """
-    from nudgeflow.operators.detect import _DetectLogic
-
     base = list(built.logics.values())
-    pickled = [pickle.dumps(logic.user, protocol=pickle.HIGHEST_PROTOCOL) for logic in base]
+    pickled = [pickle.dumps(logic.state, protocol=pickle.HIGHEST_PROTOCOL) for logic in base]
     # Without the collector while millions of objects are made (its full passes over a
     # growing heap would take longer than the copying); one full pass afterwards.
     gc.disable()
@@ -80,17 +80,40 @@ def _grow(built: Any, logics: list[Any], target: int) -> None:
             k = len(logics)
             original = base[k % len(base)]
             state = pickle.loads(pickled[k % len(base)])  # our own bytes, just made
-            state.user_id = f"s{k // len(base)}-{original.user.user_id}"
-            clone = _DetectLogic(built.detector, state, built.clock, None)
-            clone.last_arrival = original.last_arrival
-            clone.source = original.source
-            logics.append(clone)
+            state.user_id = f"s{k // len(base)}-{original.state.user_id}"
+            logics.append(UserSlot(state, original.last_arrival, original.source))
     finally:
         gc.enable()
     gc.collect()
 
 
-def _time_snapshots(logics: Sequence[Any]) -> tuple[float, int]:
+def per_user_logics(detector: Any, clock: Any, slots: Sequence[Any]) -> list[Any]:
+    """The detect step's logics with per-user keys (`detect_shards=0`): one user each."""
+    from nudgeflow.operators.detect import _DetectLogic
+
+    return [_DetectLogic(detector, clock, None, shards=0, users=[slot]) for slot in slots]
+
+
+def shard_logics(detector: Any, clock: Any, slots: Sequence[Any]) -> list[Any]:
+    """The detect step's logics with the default shards, holding `slots` as the flow would."""
+    import zlib
+
+    from nudgeflow.operators.detect import DEFAULT_SHARDS, _DetectLogic
+
+    by_shard: dict[int, list[Any]] = {}
+    for slot in slots:
+        shard = zlib.crc32(slot.state.user_id.encode()) % DEFAULT_SHARDS
+        by_shard.setdefault(shard, []).append(slot)
+    return [_DetectLogic(detector, clock, None, shards=DEFAULT_SHARDS, users=users)
+            for users in by_shard.values()]
+
+
+def _time_snapshots(logics: Sequence[Any], *, touched: bool = True) -> tuple[float, int]:
+    """`snapshot()` of every logic: ms and bytes. `touched`: every user changed since the last."""
+    if touched:
+        for logic in logics:
+            for slot in logic.users.values():
+                slot.blob = None
     started = time.perf_counter()
     blobs = [logic.snapshot() for logic in logics]
     elapsed = time.perf_counter() - started
@@ -102,7 +125,10 @@ def _dir_bytes(directory: Path) -> int:
 
 
 def _held_flow(logics: Sequence[Any]) -> Any:
-    """A bytewax flow whose stateful step holds `logics` (one per key) and touches each once."""
+    """A bytewax flow whose stateful step holds `logics` (one per key) and touches each once.
+
+    Every user of each logic counts as changed, as when all were touched in the epoch.
+    """
     import bytewax.operators as op
     from bytewax.dataflow import Dataflow
     from bytewax.operators import StatefulBatchLogic
@@ -110,10 +136,13 @@ def _held_flow(logics: Sequence[Any]) -> Any:
 
     from nudgeflow.bench.flowproc import null_sink
 
-    by_id = {logic.user.user_id: logic for logic in logics}
+    by_id = {str(index): logic for index, logic in enumerate(logics)}
+    for logic in logics:
+        for slot in logic.users.values():
+            slot.blob = None
 
     class Held(StatefulBatchLogic[str, None, bytes]):
-        """One user's `_DetectLogic`, taken on its first value; bytewax snapshots it."""
+        """One key's `_DetectLogic`, taken on its first value; bytewax snapshots it."""
 
         def __init__(self) -> None:
             self.inner: Any = None
@@ -195,7 +224,12 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
                 _grow(built, logics, target)
                 out.setdefault("clone_s", {})[users_label(target)] = round(
                     time.perf_counter() - started, 1)
-            timings = [_time_snapshots(logics) for _ in range(runs)]
+            per_user = per_user_logics(built.detector, built.clock, logics)
+            shards = shard_logics(built.detector, built.clock, logics)
+            timings = [_time_snapshots(per_user) for _ in range(runs)]
+            shard_timings = [_time_snapshots(shards) for _ in range(runs)]
+            # Users unchanged since the last epoch keep their bytes: only joining is left.
+            cached = [_time_snapshots(shards, touched=False) for _ in range(runs)]
             size = timings[0][1]
             entry: dict[str, Any] = {
                 "users": target,
@@ -205,9 +239,18 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
                 "bytes_per_user": round(size / target, 1),
                 "us_per_user": round(statistics.median(ms for ms, _ in timings) * 1000 / target,
                                      2),
+                # Keyed by shard (the default), a touched shard is snapshotted whole: what
+                # an epoch costs when every shard was touched, with every user changed
+                # (`ms`) or none of them (`ms_unchanged`); the store takes `bytes` either way.
+                "shards": {
+                    "ms": spread([ms for ms, _ in shard_timings], 1),
+                    "ms_unchanged": spread([ms for ms, _ in cached], 1),
+                    "bytes": shard_timings[0][1],
+                },
             }
             if target in sqlite_users:
-                entry.update(_sqlite_epoch(logics, Path(tmp), runs))
+                entry.update(_sqlite_epoch(per_user, Path(tmp), runs))
+                entry["shards"].update(_sqlite_epoch(shards, Path(tmp), runs))
             out["users"][users_label(target)] = entry
     return out
 

@@ -15,8 +15,15 @@ from nudgeflow.core.events import Event, Rejection, decode_event
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.stream_clock import StreamStamp
 
+# Why the records made for every event (these, the stream clock's, triggers and decisions)
+# are `@dataclass(slots=True)` and not frozen: a frozen dataclass's `__init__` sets each
+# field through `object.__setattr__`, which measured 8x slower here (3.4 µs against
+# 0.43 µs for seven fields), and five of them were made per event. Nothing changes them
+# once made; code that needs another value makes another record.
 
-@dataclass(frozen=True, slots=True)
+
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Origin:
     """Where a message came from: a replay line, or a Kafka topic/partition/offset."""
 
@@ -37,7 +44,8 @@ class Origin:
         return "lines" if self.topic is None else f"{self.partition}-{self.topic}"
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Envelope:
     """A valid event with its origin, raw bytes, the profile known for its user, arrival time.
 

@@ -72,7 +72,8 @@ EVENT_OUTCOMES: Final = ("applied", "duplicate", "late")
 _NO_REASON: Final = "none"
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Cause:
     """When what led to a decision entered the flow, in wall-clock epoch ms.
 

@@ -56,7 +56,8 @@ class Assignment:
         return {"name": self.experiment, "variant": self.variant, "holdout": self.holdout}
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Plan:
     """A decision still to be made final: `decision` now, or a delayed send due at `send_at_ms`."""
 
@@ -168,7 +169,8 @@ class Policies:
         # a delayed send that is cancelled gives its place back (`release`).
         state.dispatched.append(fired_at)
         state.dispatched.sort()
-        decision = Decision(trigger, "dispatched", None, channel=channel, send_at_ms=send_at)
+        decision = Decision(trigger, "dispatched", None, channel=channel, send_at_ms=send_at,
+                            profile=profile)
         return Plan(decision, delayed=delayed)
 
     def release(self, state: PolicyState, fired_at: int) -> None:

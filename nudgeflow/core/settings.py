@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     rules: Path = DEFAULT_RULES
     templates: Path = DEFAULT_TEMPLATES
     workers: int = Field(default=1, ge=1)
+    # The detect step is keyed by this many shards of users (0: one key per user). Fixed
+    # for the life of a recovery directory: a user's state lives in their shard's snapshot.
+    detect_shards: int = Field(default=64, ge=0, le=65_536)
     # A bytewax cluster across processes: this process's index and every process's host:port.
     process_id: int | None = Field(default=None, ge=0)
     addresses: list[str] | None = None

@@ -23,7 +23,8 @@ import threading
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class StreamStamp:
     """The stream clock around one message: before it was read, and after."""
 
@@ -31,7 +32,8 @@ class StreamStamp:
     after: int | None
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class ClockReading:
     """A partition's clock at one wall instant, enough to extend it to a later one."""
 

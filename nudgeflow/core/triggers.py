@@ -37,7 +37,8 @@ def stable_fraction(*parts: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Trigger:
     """A detected moment worth acting on (EVENTS.md §2)."""
 
@@ -61,7 +62,8 @@ class Trigger:
         }
 
 
-@dataclass(frozen=True, slots=True)
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Decision:
     """A trigger and its outcome: `dispatched` (with channel and send time) or `suppressed`."""
 
@@ -73,6 +75,10 @@ class Decision:
     # When what caused it entered the flow (live mode, `nudgeflow.core.metrics.Cause`): the
     # start of the event-to-dispatch latency. Not part of the decision's content.
     cause: Any = field(default=None, compare=False, repr=False)
+    # The profile the policies decided with (`nudgeflow.core.profiles.Profile`), so that
+    # the dispatch sink renders the message without a second Redis round trip. Not part
+    # of the content either, nor of snapshots: a decision resumed from one has None.
+    profile: Any = field(default=None, compare=False, repr=False)
 
     @property
     def dispatched(self) -> bool:

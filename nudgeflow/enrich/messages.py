@@ -390,8 +390,10 @@ class MessageRenderer:
         """A `nudgeflow.sinks.dispatch.Render`: looks the profile up, renders, returns JSON."""
 
         def render(decision: Decision) -> dict[str, str]:
-            user_id = decision.trigger.user_id
-            profile = profiles.lookup([user_id]).get(user_id, NO_PROFILE)
+            profile = decision.profile
+            if not isinstance(profile, Profile):  # a delayed send resumed from a snapshot
+                user_id = decision.trigger.user_id
+                profile = profiles.lookup([user_id]).get(user_id, NO_PROFILE)
             return self.render(decision, profile).to_json()
 
         return render

@@ -48,8 +48,9 @@ from nudgeflow.core.timeutil import now_ms
 from nudgeflow.core.triggers import Decision
 from nudgeflow.enrich.messages import MessageRenderer
 from nudgeflow.enrich.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
-from nudgeflow.operators.detect import DETECT_STEP, Emitted, LiveClock, detect
+from nudgeflow.operators.detect import DETECT_STEP, Emitted, LiveClock, detect, shard_key
 from nudgeflow.operators.detector import Detector
+from nudgeflow.operators.shard_snapshot import check_layout
 from nudgeflow.operators.snapshot import check_recovery
 from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
 from nudgeflow.sinks.dispatch import DispatchSink
@@ -174,9 +175,10 @@ def build_live_flow(
     split = op.branch("valid", opened, lambda x: isinstance(x, Envelope))
     valid: Stream[Any] = split.trues
     invalid: Stream[Any] = split.falses
-    keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
+    keyed = op.key_on("by_shard", valid, shard_key(settings.detect_shards))
     detected = detect(DETECT_STEP, keyed, detector, clock=LiveClock(clock, partitions),
-                      snapshots=settings.recovery_dir is not None)
+                      snapshots=settings.recovery_dir is not None,
+                      shards=settings.detect_shards)
 
     late: Stream[Any] = op.map("late_letters", detected.late, lambda kv: kv[1])
     letters = op.merge("dead_letters", invalid, late)
@@ -257,6 +259,7 @@ def recovery_config(settings: Settings) -> RecoveryConfig | None:
     if directory.exists():
         # A snapshot this version cannot read is refused now, not when its user shows up.
         check_recovery(directory, f"{LIVE_FLOW_ID}.{DETECT_STEP}")
+        check_layout(directory, f"{LIVE_FLOW_ID}.{DETECT_STEP}", settings.detect_shards)
     if not directory.exists() or not any(directory.glob("*.sqlite3")):
         try:
             directory.mkdir(parents=True, exist_ok=True)

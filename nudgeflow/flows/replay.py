@@ -38,7 +38,7 @@ from nudgeflow.core.recording import iter_input_lines
 from nudgeflow.core.rules import RulesConfig, load_rules
 from nudgeflow.core.settings import DEFAULT_RULES
 from nudgeflow.core.triggers import Decision
-from nudgeflow.operators.detect import Emitted, Tally, detect
+from nudgeflow.operators.detect import DEFAULT_SHARDS, Emitted, Tally, detect, shard_key
 from nudgeflow.operators.detector import Detector
 from nudgeflow.sinks.files import SortedJsonlSink, TallySink
 from nudgeflow.sources.stamped import StampedSource
@@ -163,14 +163,15 @@ def build_replay_flow(
     valid: Any = split.trues
     invalid: Any = split.falses
 
-    keyed = op.key_on("by_user", valid, lambda env: env.event.user_id)
+    keyed = op.key_on("by_shard", valid, shard_key(DEFAULT_SHARDS))
 
     def with_profile(envelope: Envelope) -> Envelope:
         return envelope.with_profile(known.get(envelope.event.user_id, NO_PROFILE))
 
     enriched = op.map_value("profile", keyed, with_profile)
     # A replay is never resumed: no snapshot is worth its cost.
-    detected = detect("detect", enriched, detector, end_bound=end_bound, snapshots=False)
+    detected = detect("detect", enriched, detector, end_bound=end_bound, snapshots=False,
+                      shards=DEFAULT_SHARDS)
 
     keyed_invalid = op.key_on("invalid_key", invalid, lambda _: "dlq")
     letters = op.merge("dead_letters", keyed_invalid, detected.late)

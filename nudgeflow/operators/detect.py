@@ -1,8 +1,8 @@
 """The bytewax operator around `Detector`: keyed envelopes in, decisions and dead letters out.
 
-    (user_id, Envelope) ──detect──► DetectOut.decisions  (user_id, Emitted)
-                                    DetectOut.late       (user_id, DeadLetter)   reason "late"
-                                    DetectOut.tallies    (user_id, Tally)        replay, at EOF
+    (shard, Envelope) ──detect──► DetectOut.decisions  (user_id, Emitted)
+                                  DetectOut.late       (shard, DeadLetter)   reason "late"
+                                  DetectOut.tallies    (shard, Tally)        replay, at EOF
 
 Built on `stateful_batch` with `notify_at` (not on `EventClock` windows, whose
 busy-loop is bytewax bug #578). Each envelope carries the stream clock of the
@@ -12,10 +12,20 @@ a quiet user's watermark also moves with their partition's stream clock,
 read from `PartitionClocks` when the partition is read in this process, and
 otherwise extended from the user's last stamp at the wall clock's pace (never
 ahead of the true clock), so a silent user's timer is decided within a second.
+
+The step is keyed by shard (`shard_key`), not by user: a shard's logic holds
+a dict of its users, so bytewax's per-key cost (a Python call per key per
+batch, a `notify_at` per key per activation) is paid per shard, and a batch
+of 500 events makes a few calls instead of hundreds. Users stay independent:
+each is driven exactly as a logic of their own would be, and their wake-up
+times are kept in a heap so a shard is woken for its earliest user.
+`shards=0` keys by user (one user per logic), as before.
 """
 
 from __future__ import annotations
 
+import heapq
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,7 +40,7 @@ from nudgeflow.core.metrics import Cause, metrics
 from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
-from nudgeflow.operators import snapshot
+from nudgeflow.operators import shard_snapshot
 from nudgeflow.operators.detector import Detector, UserState
 from nudgeflow.operators.event_time import Admit
 
@@ -40,8 +50,24 @@ DETECT_STEP: Final = "detect"
 # Sort keys put the end-of-replay decisions after every line's.
 AT_END: Final = 1 << 62
 
+# Shards of the detect step when nothing says otherwise: enough for 8 workers to share
+# evenly, few enough that a batch of 500 events meets each shard several times.
+DEFAULT_SHARDS: Final = 64
 
-@dataclass(frozen=True, slots=True)
+
+def shard_key(shards: int) -> Callable[[Envelope], str]:
+    """The detect step's key of an envelope: its user's shard, or the user with `shards=0`.
+
+    CRC-32 of the user id, not `hash()`: the key must be the same in every process
+    and after every restart, since a shard's snapshot holds its users.
+    """
+    if shards <= 0:
+        return lambda envelope: envelope.event.user_id
+    return lambda envelope: str(zlib.crc32(envelope.event.user_id.encode()) % shards)
+
+
+# Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
+@dataclass(slots=True)
 class Emitted:
     """A decision and its place in the output: (line or offset of the cause, index, …)."""
 
@@ -51,7 +77,7 @@ class Emitted:
 
 @dataclass(frozen=True, slots=True)
 class Tally:
-    """How one user's events ended (replay summary): applied, duplicate, late."""
+    """How a shard's events ended (replay summary): applied, duplicate, late."""
 
     applied: int
     duplicate: int
@@ -82,44 +108,77 @@ class LiveClock:
         self.partitions = partitions or PartitionClocks()
 
 
+class UserSlot:
+    """One user in a shard: their state and what live mode knows of their input."""
+
+    __slots__ = ("blob", "due", "last_arrival", "source", "state", "wake")
+
+    def __init__(
+        self, state: UserState, last_arrival: int | None = None, source: str | None = None
+    ) -> None:
+        self.state = state
+        self.last_arrival = last_arrival  # wall ms of the user's last applied event (live)
+        self.source = source  # the input partition of the user's last event (live)
+        self.wake: int | None = None  # wall ms the shard must wake for this user (live)
+        self.due: int | None = None  # the stream clock at which their next timer is due (live)
+        self.blob: bytes | None = None  # the snapshot, until the user changes again
+
+
 class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
+    """The users of one shard (one user with per-user keys)."""
+
     def __init__(
         self,
         detector: Detector,
-        state: UserState | None,
         clock: LiveClock | None,
         end_bound: int | None,
         *,
+        shards: int = DEFAULT_SHARDS,
         snapshots: bool = True,
+        users: Iterable[UserSlot] = (),
     ) -> None:
         self.detector = detector
-        self.snapshots = snapshots
-        self.user = state
         self.clock = clock
         self.end_bound = end_bound
-        self.last_arrival: int | None = None  # wall ms of the user's last applied event (live)
-        self.source: str | None = None  # the input partition of the user's last event (live)
+        self.shards = shards
+        self.snapshots = snapshots
+        self.users: dict[str, UserSlot] = {slot.state.user_id: slot for slot in users}
+        # Live users' next moments, as heaps of (when, user_id); an entry is current while
+        # it equals the slot's `wake` (wall ms) or `due` (their partition's stream clock),
+        # and the heaps are rebuilt when stale entries outnumber the users.
+        self._wakes: list[tuple[int, str]] = []
+        self._due: dict[str, list[tuple[int, str]]] = {}  # per input partition
+        self._entries = 0  # in all the heaps
         self.counts = [0, 0, 0]
+        if clock is not None and self.users:
+            self._settle(list(self.users.values()), clock.now_ms())
+
+    # --- bytewax's calls ----------------------------------------------------------------
 
     def on_batch(self, values: list[Envelope]) -> tuple[Iterable[Output], bool]:
         detector = self.detector
+        users = self.users
         now = self.clock.now_ms() if self.clock is not None else None
         out: list[Output] = []
         counts = [0, 0, 0]  # this batch's applied, duplicate, late (Admit's order)
+        touched: dict[str, UserSlot] = {}
         for envelope in values:
-            user = self.user
-            if user is None:
-                user = self.user = detector.new_user(envelope.event.user_id)
+            uid = envelope.event.user_id
+            slot = users.get(uid)
+            if slot is None:
+                slot = users[uid] = UserSlot(detector.new_user(uid))
             verdict, decisions = detector.process(
-                user, envelope.event, envelope.profile, now, stream=envelope.stream
+                slot.state, envelope.event, envelope.profile, now, stream=envelope.stream
             )
+            slot.blob = None
+            touched[uid] = slot
             if now is not None and decisions:  # live: carry each decision's cause for latency
                 decisions = metrics.traced(decisions, Cause.of_event(
                     envelope.arrived_ms, envelope.origin.timestamp_ms))
             if verdict is Admit.APPLY:
                 counts[0] += 1
-                self.last_arrival = envelope.arrived_ms if envelope.arrived_ms is not None else now
-                self.source = envelope.origin.source
+                slot.last_arrival = envelope.arrived_ms if envelope.arrived_ms is not None else now
+                slot.source = envelope.origin.source
             elif verdict is Admit.DUPLICATE:
                 counts[1] += 1
             else:
@@ -133,84 +192,205 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             for outcome, count in zip(Admit, counts, strict=True):
                 if count:
                     metrics.record_event_outcome(outcome.value, count)
-        return out, self._discard()
+        empty = self._settle(touched.values(), now)
+        if now is not None:
+            out.extend(self._run_due(now))
+            empty = not self.users
+        return out, empty
 
-    def _stream_now(self, user: UserState, now: int) -> int | None:
+    def on_notify(self) -> tuple[Iterable[Output], bool]:
+        clock = self.clock
+        if clock is None:
+            return [], not self.users
+        now = clock.now_ms()
+        due: list[UserSlot] = []
+        wakes, users = self._wakes, self.users
+        while wakes and wakes[0][0] <= now:
+            wake, uid = heapq.heappop(wakes)
+            slot = users.get(uid)
+            if slot is not None and slot.wake == wake:
+                slot.wake = None
+                due.append(slot)
+        out: list[Output] = []
+        for slot in due:
+            decisions = self._advance(slot, now)
+            out.extend(Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions))
+        self._settle(due, now)
+        out.extend(self._run_due(now))
+        return out, not self.users
+
+    def on_eof(self) -> tuple[Iterable[Output], bool]:
+        out: list[Output] = []
+        if self.end_bound is not None:
+            for uid, slot in self.users.items():
+                decisions = self.detector.finish(slot.state, self.end_bound)
+                slot.blob = None
+                out.extend(
+                    Emitted(d, (AT_END, d.trigger.fired_at_ms, uid, i))
+                    for i, d in enumerate(decisions)
+                )
+        if self.clock is None and any(self.counts):
+            out.append(Tally(*self.counts))
+            self.counts = [0, 0, 0]
+        now = self.clock.now_ms() if self.clock is not None else None
+        return out, self._settle(list(self.users.values()), now)
+
+    def notify_at(self) -> datetime | None:
+        clock = self.clock
+        if clock is None:
+            return None
+        wakes, users = self._wakes, self.users
+        at: int | None = None
+        while wakes:
+            wake, uid = wakes[0]
+            slot = users.get(uid)
+            if slot is not None and slot.wake == wake:
+                at = wake
+                break
+            heapq.heappop(wakes)
+        if self._due:
+            # A partition read faster than real time (a backlog) moves its stream clock,
+            # and so its users' timers, ahead of their wall-clock wakes: look again soon.
+            now = clock.now_ms()
+            for source, heap in self._due.items():
+                reading = clock.partitions.get(source)
+                if heap and reading is not None and reading.catching_up(now):
+                    poll = now + clock.CATCH_UP_POLL_MS
+                    at = poll if at is None else min(at, poll)
+                    break
+        return None if at is None else ms_to_datetime(at)
+
+    def snapshot(self) -> bytes:
+        # Bytes are an immutable copy, as bytewax requires of snapshots; the format is
+        # versioned plain data (operators.snapshot), so a restart may change the rules.
+        if not self.snapshots:
+            return b""  # nothing keeps it: no recovery directory
+        blobs = []
+        for slot in self.users.values():
+            if slot.blob is None:  # only users changed since the last snapshot are encoded
+                slot.blob = shard_snapshot.encode_user(
+                    self.detector, slot.state, slot.last_arrival, slot.source)
+            blobs.append(slot.blob)
+        return shard_snapshot.encode(blobs, self.shards)
+
+    # --- one user ----------------------------------------------------------------------
+
+    def _settle(self, slots: Iterable[UserSlot], now: int | None) -> bool:
+        """Free the idle among `slots`, schedule the others' wake-ups; True: the shard is empty."""
+        detector, users = self.detector, self.users
+        for slot in slots:
+            if detector.idle(slot.state):
+                slot.wake = None
+                users.pop(slot.state.user_id, None)
+            elif now is not None:
+                uid = slot.state.user_id
+                wake = self._wake_at(slot, now)
+                if wake != slot.wake:
+                    slot.wake = wake
+                    if wake is not None:
+                        heapq.heappush(self._wakes, (wake, uid))
+                        self._entries += 1
+                due = detector.stream_due(slot.state) if slot.source is not None else None
+                if due != slot.due:
+                    slot.due = due
+                    if due is not None:
+                        assert slot.source is not None
+                        heapq.heappush(self._due.setdefault(slot.source, []), (due, uid))
+                        self._entries += 1
+        if self._entries > 4 * len(users) + 64:
+            self._rebuild()
+        return not users
+
+    def _rebuild(self) -> None:
+        users = self.users
+        self._wakes = [(s.wake, uid) for uid, s in users.items() if s.wake is not None]
+        heapq.heapify(self._wakes)
+        due: dict[str, list[tuple[int, str]]] = {}
+        for uid, s in users.items():
+            if s.due is not None and s.source is not None:
+                due.setdefault(s.source, []).append((s.due, uid))
+        for heap in due.values():
+            heapq.heapify(heap)
+        self._due = due
+        self._entries = len(self._wakes) + sum(len(heap) for heap in due.values())
+
+    def _run_due(self, now: int) -> list[Output]:
+        """Decide the timers of users whose partition's stream clock passed their due time.
+
+        What makes a quiet user's timer due is their partition's `S`, read when this
+        shard is activated for any reason; the wall-clock wakes are a bound for a
+        partition that goes quiet, and for users whose partition another process reads.
+        """
+        assert self.clock is not None
+        partitions, users = self.clock.partitions, self.users
+        out: list[Output] = []
+        ran: list[UserSlot] = []
+        for source, heap in self._due.items():
+            reading = partitions.get(source)
+            if not heap or reading is None:
+                continue
+            stream = reading.at(now)
+            while heap and heap[0][0] <= stream:
+                due, uid = heapq.heappop(heap)
+                slot = users.get(uid)
+                if slot is None or slot.due != due or slot.source != source:
+                    continue
+                slot.due = None
+                decisions = self._advance(slot, now)
+                out.extend(Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions))
+                ran.append(slot)
+        if ran:
+            self._settle(ran, now)
+        return out
+
+    def _stream_now(self, slot: UserSlot, now: int) -> int | None:
         """The best lower bound of the user's partition's stream clock at wall time `now`."""
+        user = slot.state
         own = None
-        if user.stream_at is not None and self.last_arrival is not None:
-            own = min(now, user.stream_at + max(0, now - self.last_arrival))
+        if user.stream_at is not None and slot.last_arrival is not None:
+            own = min(now, user.stream_at + max(0, now - slot.last_arrival))
         reading = None
-        if self.clock is not None and self.source is not None:
-            reading = self.clock.partitions.get(self.source)
+        if self.clock is not None and slot.source is not None:
+            reading = self.clock.partitions.get(slot.source)
         if reading is None:
             return own
         shared = reading.at(now)
         return shared if own is None else max(own, shared)
 
-    def on_notify(self) -> tuple[Iterable[Output], bool]:
-        user, clock = self.user, self.clock
-        if user is None or clock is None or user.admission.max_ts is None:
-            return [], self._discard()
-        now = clock.now_ms()
-        stream = self._stream_now(user, now)
+    def _advance(self, slot: UserSlot, now: int) -> list[Decision]:
+        user = slot.state
+        if user.admission.max_ts is None:
+            return []
+        stream = self._stream_now(slot, now)
         if stream is None:
-            return [], self._discard()
+            return []
+        slot.blob = None
         max_ts = user.admission.max_ts
         delayed = set(user.pending_sends)
-        decisions = metrics.traced_timers(
+        return metrics.traced_timers(
             self.detector.advance(user, stream, now, forget=True),
-            lateness_ms=self.detector.lateness, last_arrival_ms=self.last_arrival or now,
+            lateness_ms=self.detector.lateness, last_arrival_ms=slot.last_arrival or now,
             max_ts_ms=max_ts, delayed=delayed,
         )
-        return [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)], self._discard()
 
-    def on_eof(self) -> tuple[Iterable[Output], bool]:
-        user = self.user
-        out: list[Output] = []
-        if user is not None and self.end_bound is not None:
-            decisions = self.detector.finish(user, self.end_bound)
-            out.extend(
-                Emitted(d, (AT_END, d.trigger.fired_at_ms, user.user_id, i))
-                for i, d in enumerate(decisions)
-            )
-        if self.clock is None and any(self.counts):
-            out.append(Tally(*self.counts))
-            self.counts = [0, 0, 0]
-        return out, self._discard()
-
-    def notify_at(self) -> datetime | None:
-        user, clock = self.user, self.clock
-        if user is None or clock is None or user.admission.max_ts is None:
+    def _wake_at(self, slot: UserSlot, now: int) -> int | None:
+        """Wall ms at which the user's next timer is due, or they may be forgotten."""
+        user, clock = slot.state, self.clock
+        if clock is None or user.admission.max_ts is None:
             return None
-        now = clock.now_ms()
-        stream = self._stream_now(user, now)
+        stream = self._stream_now(slot, now)
         if stream is None:
             return None
         due = self.detector.stream_due(user)
         if due is None:
             # Wake once the user has been quiet past the horizon, to forget them; a
             # user whose state outlives that (an nth_event count) is not woken again.
-            due = self.detector.stream_expiry(user)
-            if due is None or due <= stream:
+            # Forgetting only frees memory, so a backlog read fast need not hurry it.
+            expiry = self.detector.stream_expiry(user)
+            if expiry is None or expiry <= stream:
                 return None
-        wake = now + max(0, due - stream)
-        reading = clock.partitions.get(self.source) if self.source is not None else None
-        if reading is not None and reading.catching_up(now):
-            wake = min(wake, now + clock.CATCH_UP_POLL_MS)
-        return ms_to_datetime(wake)
-
-    def _discard(self) -> bool:
-        user = self.user
-        return user is not None and self.detector.idle(user)
-
-    def snapshot(self) -> bytes:
-        # Bytes are an immutable copy, as bytewax requires of snapshots; the format is
-        # versioned plain data (operators.snapshot), so a restart may change the rules.
-        assert self.user is not None  # bytewax snapshots only keys that hold a logic
-        if not self.snapshots:
-            return b""  # nothing keeps it: no recovery directory
-        return snapshot.encode(self.detector, self.user, self.last_arrival, self.source)
+            return now + (expiry - stream)
+        return now + max(0, due - stream)
 
 
 def detect(
@@ -221,24 +401,21 @@ def detect(
     clock: LiveClock | None = None,
     end_bound: int | None = None,
     snapshots: bool = True,
+    shards: int = DEFAULT_SHARDS,
 ) -> DetectOut:
     """Run the detector per user. `clock` makes it live; `end_bound` is replay's input end.
 
-    Without `snapshots` (a run with no recovery directory) a user's snapshot is an
-    empty placeholder: bytewax asks for one per touched user per epoch even when
-    it keeps none, and encoding them cost more than a tenth of the flow's time.
+    `up` must be keyed by `shard_key(shards)`. Without `snapshots` (a run with no
+    recovery directory) a shard's snapshot is an empty placeholder: bytewax asks
+    for one per touched key per epoch even when it keeps none.
     """
 
     def builder(resume: bytes | None) -> _DetectLogic:
-        state: UserState | None = None
-        last_arrival: int | None = None
-        source: str | None = None
+        users: list[UserSlot] = []
         if resume is not None:
-            state, last_arrival, source = snapshot.decode(detector, resume)
-        logic = _DetectLogic(detector, state, clock, end_bound, snapshots=snapshots)
-        logic.last_arrival = last_arrival
-        logic.source = source
-        return logic
+            users = [UserSlot(*user) for user in shard_snapshot.decode(detector, resume, shards)]
+        return _DetectLogic(detector, clock, end_bound, shards=shards, snapshots=snapshots,
+                            users=users)
 
     outputs: KeyedStream[Any] = op.stateful_batch(step_id, up, builder)
     branch_late = op.branch(
@@ -246,8 +423,7 @@ def detect(
     )
     rest: Stream[Any] = branch_late.falses
     branch_tally = op.branch(f"{step_id}_tally", rest, lambda kv: isinstance(kv[1], Tally))
-    return DetectOut(
-        decisions=branch_tally.falses,
-        late=branch_late.trues,
-        tallies=branch_tally.trues,
-    )
+    # Downstream, a decision is keyed by its user (the dispatch sink's partitions).
+    decisions = op.map(f"{step_id}_by_user", branch_tally.falses,
+                       lambda kv: (kv[1].decision.trigger.user_id, kv[1]))
+    return DetectOut(decisions=decisions, late=branch_late.trues, tallies=branch_tally.trues)

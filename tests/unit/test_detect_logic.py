@@ -15,8 +15,8 @@ from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import parse_rules
 from nudgeflow.core.stream_clock import PartitionClocks, StreamClock
 from nudgeflow.core.timeutil import datetime_to_ms
-from nudgeflow.operators import snapshot
-from nudgeflow.operators.detect import Emitted, LiveClock, _DetectLogic
+from nudgeflow.operators import shard_snapshot
+from nudgeflow.operators.detect import DEFAULT_SHARDS, Emitted, LiveClock, UserSlot, _DetectLogic
 from nudgeflow.operators.detector import Detector
 
 RULES = """
@@ -72,7 +72,7 @@ def envelope(
 
 def live_logic(wall: FakeWall) -> _DetectLogic:
     return _DetectLogic(
-        Detector(parse_rules(RULES)), None, LiveClock(wall, wall.partitions), end_bound=None
+        Detector(parse_rules(RULES)), LiveClock(wall, wall.partitions), end_bound=None
     )
 
 
@@ -129,11 +129,10 @@ def test_pending_timers_survive_a_snapshot_and_restore() -> None:
     wall = FakeWall(now=0)
     logic = live_logic(wall)
     logic.on_batch([envelope(wall, "a", "add_to_cart", 0, product_id="p1")])
-    state, last_arrival, source = snapshot.decode(logic.detector, logic.snapshot())
+    users = shard_snapshot.decode(logic.detector, logic.snapshot(), DEFAULT_SHARDS)
     # A new process: no partition has been read yet, the user's own stamp carries time.
-    restored = _DetectLogic(logic.detector, state, LiveClock(wall), end_bound=None)
-    restored.last_arrival = last_arrival
-    restored.source = source
+    restored = _DetectLogic(logic.detector, LiveClock(wall), end_bound=None,
+                            users=[UserSlot(*user) for user in users])
     wall.now = 16 * MIN
     out, _ = restored.on_notify()
     assert [e.decision.trigger.trigger_type for e in decisions(out)] == ["cart_abandonment"]
@@ -151,7 +150,7 @@ def test_state_is_freed_once_nothing_can_matter_any_more() -> None:
 
 
 def test_replay_mode_never_asks_for_the_wall_clock() -> None:
-    logic = _DetectLogic(Detector(parse_rules(RULES)), None, None, end_bound=20 * MIN)
+    logic = _DetectLogic(Detector(parse_rules(RULES)), None, end_bound=20 * MIN)
     logic.on_batch([envelope(None, "a", "add_to_cart", 0, product_id="p1")])
     assert logic.notify_at() is None
     out, _ = logic.on_eof()
