@@ -50,7 +50,7 @@ from nudgeflow.enrich.messages import MessageRenderer
 from nudgeflow.enrich.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
 from nudgeflow.operators.detect import DETECT_STEP, Emitted, LiveClock, detect, shard_key
 from nudgeflow.operators.detector import Detector
-from nudgeflow.operators.shard_snapshot import check_layout
+from nudgeflow.operators.shard_snapshot import check_layout, first_user
 from nudgeflow.operators.snapshot import check_recovery
 from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
 from nudgeflow.sinks.dispatch import DispatchSink
@@ -258,7 +258,7 @@ def recovery_config(settings: Settings) -> RecoveryConfig | None:
         return None
     if directory.exists():
         # A snapshot this version cannot read is refused now, not when its user shows up.
-        check_recovery(directory, f"{LIVE_FLOW_ID}.{DETECT_STEP}")
+        check_recovery(directory, f"{LIVE_FLOW_ID}.{DETECT_STEP}", first_user)
         check_layout(directory, f"{LIVE_FLOW_ID}.{DETECT_STEP}", settings.detect_shards)
     if not directory.exists() or not any(directory.glob("*.sqlite3")):
         try:

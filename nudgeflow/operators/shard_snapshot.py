@@ -6,7 +6,7 @@ A user blob is `operators.snapshot`'s per-user snapshot (its own magic and
 format), so the rules of resuming a user are the same under either keying.
 The shard count is kept because a user belongs to `crc32(user_id) % shards`:
 resuming under another count would strand users in shards that never see
-their events again, so it is refused (at start, by `check_recovery`).
+their events again, so it is refused (at start, by `check_layout`).
 
 With per-user keys (`shards=0`) a key's snapshot is the user blob alone,
 exactly as before shards, so recovery directories written then still resume.
@@ -70,6 +70,14 @@ def decode(detector: Detector, blob: bytes, shards: int) -> list[UserData]:
         users.append(snapshot.decode(detector, bytes(view[offset:offset + size])))
         offset += size
     return users
+
+
+def first_user(blob: bytes) -> bytes:
+    """The first user's snapshot in a shard's (the blob itself with per-user keys)."""
+    if layout(blob) <= 0:
+        return blob
+    start = len(_HEADER) + 2 * _COUNT.size
+    return blob[start:]
 
 
 def layout(blob: bytes) -> int:

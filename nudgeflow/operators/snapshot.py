@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -154,18 +155,22 @@ def describe_format(blob: bytes) -> str:
     return f"per-user state in {found}; this nudgeflow reads format {FORMAT}"
 
 
-def check_recovery(directory: Path, step_id: str) -> None:
+def check_recovery(
+    directory: Path, step_id: str, unwrap: Callable[[bytes], bytes] = lambda blob: blob
+) -> None:
     """Refuse, in one line, a recovery directory holding per-user state this version cannot read.
 
-    Reads only the first bytes of each of the step's snapshots (bytewax pickles
-    our bytes, whose header follows within the first few bytes).
+    Reads only the first bytes of each of the step's snapshots: bytewax pickles
+    our bytes (at most 15 bytes of framing), and a user's header follows within
+    the first 64, after a shard's header (13 bytes) when the step is keyed by
+    shard. `unwrap` gives the first user's bytes of a snapshot, for the message.
     """
     for path in sorted(directory.glob("*.sqlite3")):
         try:
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
                 row = db.execute(
                     "SELECT ser_change FROM snaps WHERE step_id = ? AND ser_change IS NOT NULL"
-                    " AND instr(substr(ser_change, 1, 32), ?) = 0 LIMIT 1",
+                    " AND instr(substr(ser_change, 1, 64), ?) = 0 LIMIT 1",
                     (step_id, _HEADER),
                 ).fetchone()
         except sqlite3.Error as exc:
@@ -173,7 +178,7 @@ def check_recovery(directory: Path, step_id: str) -> None:
             raise ConfigError(msg) from None
         if row is not None:
             blob = pickle.loads(row[0])
-            found = describe_format(blob if isinstance(blob, bytes) else b"")
+            found = describe_format(unwrap(blob) if isinstance(blob, bytes) else b"")
             msg = (f"recovery directory {directory} holds {found}: start with a new (empty) "
                    "recovery directory, or run the nudgeflow that wrote it")
             raise SnapshotFormatError(msg)

@@ -21,9 +21,10 @@ from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import parse_rules
 from nudgeflow.core.stream_clock import PartitionClocks, StreamClock
-from nudgeflow.operators import shard_snapshot
+from nudgeflow.operators import shard_snapshot, snapshot
 from nudgeflow.operators.detect import Emitted, LiveClock, UserSlot, _DetectLogic, shard_key
 from nudgeflow.operators.detector import Detector
+from nudgeflow.operators.snapshot import check_recovery
 
 RULES = """
 time: {lateness: 30s, dedup_retention: 1d}
@@ -211,5 +212,17 @@ def test_a_recovery_directory_keyed_otherwise_is_refused_at_start(tmp_path: Path
         db.execute("INSERT INTO snaps VALUES ('flow.detect', '3', 1, ?)",
                    (pickle.dumps(logic.snapshot()),))
     shard_snapshot.check_layout(tmp_path, "flow.detect", 8)  # the same keying: fine
+    check_recovery(tmp_path, "flow.detect", shard_snapshot.first_user)  # a user format we read
     with pytest.raises(shard_snapshot.ShardLayoutError, match=r"recovery directory .*64"):
         shard_snapshot.check_layout(tmp_path, "flow.detect", 64)
+
+
+def test_a_shard_holding_users_of_another_format_is_refused_at_start(tmp_path: Path) -> None:
+    future_user = snapshot.MAGIC + bytes([99]) + b"a layout of a later nudgeflow"
+    with sqlite3.connect(tmp_path / "part-0.sqlite3") as db:
+        db.execute("CREATE TABLE snaps (step_id TEXT, state_key TEXT, snap_epoch INTEGER,"
+                   " ser_change BLOB)")
+        db.execute("INSERT INTO snaps VALUES ('flow.detect', '3', 1, ?)",
+                   (pickle.dumps(shard_snapshot.encode([future_user], 64)),))
+    with pytest.raises(snapshot.SnapshotFormatError, match="format 99"):
+        check_recovery(tmp_path, "flow.detect", shard_snapshot.first_user)
