@@ -23,7 +23,6 @@ from typing import Protocol
 
 import orjson
 import redis
-from cachetools import TTLCache
 
 from nudgeflow.core.metrics import metrics
 from nudgeflow.core.profiles import NO_PROFILE, Profile, profile_from_mapping
@@ -40,6 +39,49 @@ for i, key in ipairs(KEYS) do
 end
 return cjson.encode(out)
 """
+
+
+class ProfileCache:
+    """Profiles for `ttl_s` after they were read, at most `max_size` of them (oldest out first).
+
+    In place of cachetools' TTLCache, whose lookup cost 3.3 µs of CPU per event
+    here (a timer context, a linked list kept in recency order): this one is a
+    dict in insertion order, read with one clock reading per batch (0.3 µs). An
+    entry is never refreshed by being read, so the oldest inserted is also the
+    first to expire: expired and surplus entries are dropped from the front.
+    """
+
+    def __init__(self, ttl_s: float, max_size: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._max_size = max_size
+        self._clock = clock
+        self._entries: dict[str, tuple[Profile, float]] = {}  # uid -> (profile, expires at)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def now(self) -> float:
+        return self._clock()
+
+    def get(self, uid: str, now: float) -> Profile | None:
+        entry = self._entries.get(uid)
+        if entry is None or entry[1] <= now:
+            return None
+        return entry[0]
+
+    def put(self, uid: str, profile: Profile, now: float) -> None:
+        entries = self._entries
+        entries.pop(uid, None)  # a re-read profile moves to the back, in expiry order
+        entries[uid] = (profile, now + self._ttl_s)
+        while entries:
+            oldest = next(iter(entries))
+            if len(entries) <= self._max_size and entries[oldest][1] > now:
+                break
+            del entries[oldest]
 
 
 class ProfileLookup(Protocol):
@@ -70,7 +112,7 @@ class RedisProfiles:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._client = client
-        self._cache: TTLCache[str, Profile] = TTLCache(maxsize=max_size, ttl=ttl_s)
+        self._cache = ProfileCache(ttl_s, max_size)
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
         self._sleep = sleep
@@ -90,10 +132,12 @@ class RedisProfiles:
     def lookup(self, user_ids: Iterable[str]) -> dict[str, Profile]:
         found: dict[str, Profile] = {}
         missing: dict[str, None] = {}  # ordered, and a set: batches repeat users
+        cache = self._cache
+        now = cache.now()
         for uid in user_ids:
             if uid in found or uid in missing:
                 continue
-            cached = self._cache.get(uid)
+            cached = cache.get(uid, now)
             if cached is None:
                 missing[uid] = None
             else:
@@ -104,8 +148,10 @@ class RedisProfiles:
             self.misses += len(missing)
             metrics.profile_lookups.labels("miss").inc(len(missing))
             wanted = list(missing)
-            for uid, profile in zip(wanted, self._fetch(wanted), strict=True):
-                self._cache[uid] = profile
+            fetched = self._fetch(wanted)
+            now = cache.now()
+            for uid, profile in zip(wanted, fetched, strict=True):
+                cache.put(uid, profile, now)
                 found[uid] = profile
         return found
 

@@ -8,7 +8,7 @@ import redis
 
 from nudgeflow.core.metrics import metrics
 from nudgeflow.core.profiles import NO_PROFILE, Profile
-from nudgeflow.enrich.profile_store import RedisProfiles
+from nudgeflow.enrich.profile_store import ProfileCache, RedisProfiles
 
 
 class FlakyRedis:
@@ -60,3 +60,55 @@ def test_cached_profiles_cost_no_round_trip() -> None:
     store.lookup(["u1", "u1"])
     assert client.round_trips == 1
     assert (store.hits, store.misses) == (1, 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_cached_profile_expires_ttl_after_it_was_read() -> None:
+    clock = Clock()
+    cache = ProfileCache(ttl_s=60.0, max_size=10, clock=clock)
+    cache.put("u1", Profile(segment="vip"), clock())
+    clock.now = 59.9
+    assert cache.get("u1", clock()) == Profile(segment="vip")
+    clock.now = 60.0
+    assert cache.get("u1", clock()) is None
+
+
+def test_the_cache_keeps_at_most_max_size_dropping_the_oldest() -> None:
+    clock = Clock()
+    cache = ProfileCache(ttl_s=60.0, max_size=2, clock=clock)
+    for i, uid in enumerate(["u1", "u2", "u3"]):
+        clock.now = float(i)
+        cache.put(uid, Profile(segment=uid), clock())
+    assert len(cache) == 2
+    assert cache.get("u1", clock()) is None
+    assert cache.get("u3", clock()) == Profile(segment="u3")
+
+
+def test_expired_entries_are_dropped_as_new_ones_come() -> None:
+    clock = Clock()
+    cache = ProfileCache(ttl_s=10.0, max_size=100, clock=clock)
+    cache.put("u1", NO_PROFILE, clock())
+    cache.put("u2", NO_PROFILE, clock())
+    clock.now = 11.0
+    cache.put("u3", NO_PROFILE, clock())
+    assert len(cache) == 1  # memory is not held by profiles no lookup can return
+
+
+def test_a_profile_read_again_gets_a_new_lease() -> None:
+    clock = Clock()
+    client = FlakyRedis({"profile:u1": {"segment": "regular"}}, failures=0)
+    store = RedisProfiles(client, ttl_s=60.0)  # type: ignore[arg-type]
+    store._cache = ProfileCache(60.0, 100, clock=clock)
+    store.lookup(["u1"])
+    clock.now = 61.0
+    store.lookup(["u1"])  # expired: read again
+    clock.now = 100.0
+    store.lookup(["u1"])  # within the new lease
+    assert client.round_trips == 2
