@@ -50,7 +50,7 @@ def build(bootstrap: str, topic: str, *, batch_size: int = 500,
     flow = Dataflow("bench_ceiling_bytewax")
     messages = op.input("in", flow, counting_kafka_source(
         bootstrap, topic, batch_size=batch_size, fetch_queue_backoff_ms=fetch_queue_backoff_ms,
-        max_events=max_events,
+        max_events=max_events, bytewax_messages=True,  # bytewax as it comes
     ))
     keyed = op.map("key", messages, _key)
     counts = op.stateful_map("count", keyed, _count)

@@ -7,7 +7,7 @@ Two modes:
 
 - `drain`: the full default live flow (`nudgeflow.flows.live.build_live_flow`: Redis
   profiles, detection, the decisions and dead-letter topics, the dispatch API)
-  with the input replaced by bytewax's `KafkaSource(tail=False)` on the
+  with the input replaced by the flow's `KafkaMessageSource(tail=False)` on the
   pre-filled topic, so the run ends when every partition reaches its end, or
   after `max_events` (split over the partitions), or `max_seconds` after the
   first message was read, whichever comes first. The source is wrapped to note
@@ -87,8 +87,11 @@ class _Clock:
 
 def counting_kafka_source(bootstrap: str, topic: str, *, batch_size: int = 500,
                           fetch_queue_backoff_ms: int = 10, max_events: int | None = None,
-                          max_seconds: float | None = None) -> Any:
-    """bytewax's `KafkaSource(tail=False)` from the beginning, counting into `_Clock`.
+                          max_seconds: float | None = None, bytewax_messages: bool = False,
+                          ) -> Any:
+    """The flow's `KafkaMessageSource(tail=False)` from the beginning, counting into `_Clock`.
+
+    With `bytewax_messages`, bytewax's own `KafkaSource` (its `KafkaSourceMessage`s).
 
     Ends at the end of every partition, after `max_events` (split evenly over the
     partitions), or once `max_seconds` have passed since this process read its
@@ -97,6 +100,8 @@ def counting_kafka_source(bootstrap: str, topic: str, *, batch_size: int = 500,
     from bytewax.connectors.kafka import KafkaSource
     from bytewax.inputs import StatefulSourcePartition
     from confluent_kafka import OFFSET_BEGINNING
+
+    from nudgeflow.sources.kafka import KafkaMessageSource
 
     class CountingPartition(StatefulSourcePartition[Any, Any]):
         def __init__(self, inner: StatefulSourcePartition[Any, Any], cap: int | None) -> None:
@@ -138,7 +143,9 @@ def counting_kafka_source(bootstrap: str, topic: str, *, batch_size: int = 500,
         def close(self) -> None:
             self._inner.close()
 
-    class CountingKafkaSource(KafkaSource):
+    base = KafkaSource if bytewax_messages else KafkaMessageSource
+
+    class CountingKafkaSource(base):  # type: ignore[valid-type,misc]
         def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
             cap = None
             if max_events is not None:

@@ -28,14 +28,14 @@ from typing import Any
 
 import bytewax.operators as op
 import orjson
-from bytewax.connectors.kafka import KafkaError, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
+from bytewax.connectors.kafka import KafkaError, KafkaSinkMessage, KafkaSourceMessage
 from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import FixedPartitionedSource
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Message
 
 from nudgeflow.core.envelope import DeadLetter, Envelope, Origin, open_envelope
 from nudgeflow.core.errors import ConfigError, ServiceError
@@ -54,6 +54,7 @@ from nudgeflow.operators.shard_snapshot import check_layout, first_user
 from nudgeflow.operators.snapshot import check_recovery
 from nudgeflow.sinks.dead_letter import KafkaDeadLetterWriter
 from nudgeflow.sinks.dispatch import DispatchSink
+from nudgeflow.sources.kafka import KafkaMessageSource
 from nudgeflow.sources.stamped import StampedSource
 
 log = logging.getLogger(__name__)
@@ -87,27 +88,41 @@ _mismatch_warned: dict[str, int] = {}
 MISMATCH_WARNING_EVERY_MS = 60_000
 
 
-def _open_message(msg: RawMessage | KafkaError[Any, Any], now: int | None) -> Any:
-    """A Kafka message -> an Envelope or a DeadLetter (a consumer error passes through)."""
-    if isinstance(msg, KafkaError):
+def _open_message(msg: Message | RawMessage | KafkaError[Any, Any], now: int | None) -> Any:
+    """A Kafka message -> an Envelope or a DeadLetter (a consumer error passes through).
+
+    `msg` is confluent-kafka's own (`KafkaMessageSource`), or bytewax's wrapper
+    of one (a source of `KafkaSourceMessage`s: tests, tools).
+    """
+    if type(msg) is Message:
+        key = msg.key()
+        timestamp = msg.timestamp()
+        origin = Origin(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+                        timestamp_ms=timestamp[1] if timestamp is not None else None)
+        opened = open_envelope(msg.value(), origin, now, key)
+    elif isinstance(msg, KafkaSourceMessage):
+        key = msg.key
+        opened = open_envelope(msg.value, _origin(msg), now, key)
+    else:
         return msg
-    opened = open_envelope(msg.value, _origin(msg), now, msg.key)
-    if isinstance(opened, Envelope) and msg.key != opened.event.user_id.encode():
-        _key_mismatch(msg, now)
+    if isinstance(opened, Envelope) and key != opened.event.user_id.encode():
+        _key_mismatch(opened.origin, now)
     return opened
 
 
-def _key_mismatch(msg: RawMessage, now: int | None) -> None:
+def _key_mismatch(origin: Origin, now: int | None) -> None:
     # Applied all the same (EVENTS.md 1), but its user's order across partitions is
     # not guaranteed: count every one, warn once a minute per partition.
-    metrics.record_key_mismatch(msg.topic or "", -1 if msg.partition is None else msg.partition)
-    where = f"{msg.partition}-{msg.topic}"
+    partition = -1 if origin.partition is None else origin.partition
+    metrics.record_key_mismatch(origin.topic or "", partition)
+    where = origin.source
     wall = now or 0
     if wall - _mismatch_warned.get(where, -MISMATCH_WARNING_EVERY_MS) >= MISMATCH_WARNING_EVERY_MS:
         _mismatch_warned[where] = wall
         log.warning("key mismatch: an event's Kafka key is not its user_id; it is applied, "
                     "but its user's order across partitions is not guaranteed",
-                    extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
+                    extra={"topic": origin.topic, "partition": origin.partition,
+                           "offset": origin.offset})
 
 
 def dead_letter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes | None]:
@@ -150,7 +165,7 @@ def build_live_flow(
 
     flow = Dataflow(LIVE_FLOW_ID)
     partitions = PartitionClocks()
-    inner: FixedPartitionedSource[Any, Any] = parts.source or KafkaSource(
+    inner: FixedPartitionedSource[Any, Any] = parts.source or KafkaMessageSource(
         brokers, [kafka.input_topic],
         starting_offset=OFFSET_END if start_at_end else OFFSET_BEGINNING,
         add_config={"fetch.queue.backoff.ms": str(kafka.fetch_queue_backoff_ms)},
