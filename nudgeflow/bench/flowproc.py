@@ -54,6 +54,7 @@ class FlowJob:
     batch_size: int = 500
     fetch_queue_backoff_ms: int = 10
     gc_freeze: bool = True  # as `run_live` does once the flow is built
+    full_collections: bool = False  # `run_live` turns them off (`no_full_collections`)
     max_events: int | None = None  # drain: stop after about this many (split over partitions)
     max_seconds: float | None = None  # drain: stop this long after the first message read
     max_in_flight: int | None = None
@@ -279,6 +280,10 @@ def main(argv: list[str]) -> int:
     if job.gc_freeze:
         gc.collect()
         gc.freeze()
+    if not job.full_collections:
+        from nudgeflow.flows.live import no_full_collections
+
+        no_full_collections()
     started = time.time()
     if job.addresses:
         cli_main(flow, workers_per_process=job.workers_per_process, process_id=process_id,
