@@ -675,6 +675,7 @@ def _memory(run: _Run) -> dict[str, Any]:
         f"users_{users}": {
             "rss": spread([r["rss_per_user"] for r in results], 0),
             "pickled": spread([r["pickled_per_user"] for r in results], 0),
+            "full_gc_ms": spread([r["full_gc_ms"] for r in results], 1),
             "events": results[0]["events"],
         }
     }
@@ -683,6 +684,7 @@ def _memory(run: _Run) -> dict[str, Any]:
         memory[f"users_{first['scaled_users']}"] = {
             "rss": spread([first["scaled_rss_per_user"]], 0),
             "pickled": spread([first["pickled_per_user"]], 0),
+            "full_gc_ms": spread([first["scaled_full_gc_ms"]], 1),
             "cloned_from": users,
         }
     return memory

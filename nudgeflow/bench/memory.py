@@ -9,6 +9,8 @@ shard holds its users' `UserSlot`s. Measured:
   event to after the last (after a full GC and `malloc_trim`), divided by the
   users whose state is still held; it includes the allocator's fragmentation,
   which is real memory too;
+- `full_gc_ms`: a full garbage collection with every state held (and
+  `scaled_full_gc_ms` with the clones), the pause the live flow avoids;
 - `pickled`: the size of each user's snapshot (`shard_snapshot.encode_user`), a
   cross-check that does not depend on the allocator.
 
@@ -168,10 +170,25 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str,
         "rss_per_user": (after - baseline) / users if users else None,
         "pickled_per_user": pickled / users if users else None,
     }
+    result["full_gc_ms"] = _full_gc_ms()
     if clones > 1:
         del snapshots
         result.update(_scaled(built.detector, built.clock, logics, clones, baseline))
     return result
+
+
+def _full_gc_ms() -> float:
+    """How long a full collection holds the GIL with every user's state held (median of 3).
+
+    What a live flow would stall for at each automatic full collection; it runs
+    without them (`nudgeflow.flows.live.no_full_collections`).
+    """
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        gc.collect()
+        timings.append((time.perf_counter() - started) * 1000.0)
+    return round(sorted(timings)[1], 1)
 
 
 def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
@@ -192,6 +209,7 @@ def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
         "scaled_users": total,
         "scaled_rss_delta_bytes": scaled - baseline,
         "scaled_rss_per_user": (scaled - baseline) / total if total else None,
+        "scaled_full_gc_ms": _full_gc_ms(),
     }
 
 
