@@ -91,9 +91,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         end_bound: int | None,
         *,
         snapshots: bool = True,
+        record_metrics: bool = False,
     ) -> None:
         self.detector = detector
         self.snapshots = snapshots
+        self.record_metrics = record_metrics
         self.user = state
         self.clock = clock
         self.end_bound = end_bound
@@ -113,7 +115,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             verdict, decisions = detector.process(
                 user, envelope.event, envelope.profile, now, stream=envelope.stream
             )
-            if now is not None and decisions:  # live: carry each decision's cause for latency
+            if self.record_metrics and decisions:  # carry each decision's cause for latency
                 decisions = metrics.traced(decisions, Cause.of_event(
                     envelope.arrived_ms, envelope.origin.timestamp_ms))
             if verdict is Admit.APPLY:
@@ -129,7 +131,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 cause = envelope.origin.line if envelope.origin.line is not None else 0
                 out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
-        if now is not None:  # live: the admission outcomes, counted once per batch
+        if self.record_metrics:  # the admission outcomes, counted once per batch
             for outcome, count in zip(Admit, counts, strict=True):
                 if count:
                     metrics.record_event_outcome(outcome.value, count)
@@ -170,6 +172,9 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         out: list[Output] = []
         if user is not None and self.end_bound is not None:
             decisions = self.detector.finish(user, self.end_bound)
+            if self.record_metrics:  # decided by the input's end: no cause to time
+                for decision in decisions:
+                    metrics.record_decision(decision)
             out.extend(
                 Emitted(d, (AT_END, d.trigger.fired_at_ms, user.user_id, i))
                 for i, d in enumerate(decisions)
@@ -221,13 +226,20 @@ def detect(
     clock: LiveClock | None = None,
     end_bound: int | None = None,
     snapshots: bool = True,
+    record_metrics: bool | None = None,
 ) -> DetectOut:
     """Run the detector per user. `clock` makes it live; `end_bound` is replay's input end.
+
+    `record_metrics` (default: when live) counts admissions and decisions in
+    `nudgeflow.core.metrics` and gives each decision its cause for the latency
+    series; a replay asks for it when something shows them (the demo's dashboard).
 
     Without `snapshots` (a run with no recovery directory) a user's snapshot is an
     empty placeholder: bytewax asks for one per touched user per epoch even when
     it keeps none, and encoding them cost more than a tenth of the flow's time.
     """
+
+    counting = clock is not None if record_metrics is None else record_metrics
 
     def builder(resume: bytes | None) -> _DetectLogic:
         state: UserState | None = None
@@ -235,7 +247,8 @@ def detect(
         source: str | None = None
         if resume is not None:
             state, last_arrival, source = snapshot.decode(detector, resume)
-        logic = _DetectLogic(detector, state, clock, end_bound, snapshots=snapshots)
+        logic = _DetectLogic(detector, state, clock, end_bound, snapshots=snapshots,
+                             record_metrics=counting)
         logic.last_arrival = last_arrival
         logic.source = source
         return logic
