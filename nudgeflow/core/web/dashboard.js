@@ -65,6 +65,7 @@ function renderLatency(lat) {
     ["within", (r) => pct(r.within_budget)],
     ["count", (r) => count(r.count)],
   ]);
+  showEmpty("latency-empty", "latency-rules", lat.by_rule.length === 0);
 }
 
 function render(s) {
