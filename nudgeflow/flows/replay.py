@@ -21,6 +21,7 @@ runs it as a 2-process cluster.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,6 @@ from nudgeflow.core.profiles import NO_PROFILE, Profile, load_profiles
 from nudgeflow.core.recording import iter_input_lines
 from nudgeflow.core.rules import RulesConfig, load_rules
 from nudgeflow.core.settings import DEFAULT_RULES
-from nudgeflow.core.timeutil import now_ms
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.detect import Emitted, Tally, detect
 from nudgeflow.operators.detector import Detector
@@ -94,7 +94,8 @@ def _open_line(item: tuple[int, bytes], _now: int | None) -> Envelope | DeadLett
 def _open_line_timed(item: tuple[int, bytes], _now: int | None) -> Envelope | DeadLetter:
     # The wall time of the read starts the event-to-dispatch latency, as live. It is
     # not the stream clock (replay's stays event time): no decision depends on it.
-    return open_envelope(item[1], Origin(line=item[0]), arrived_ms=now_ms())
+    # (time_ns: a tenth of timeutil.now_ms's cost, paid on every line.)
+    return open_envelope(item[1], Origin(line=item[0]), arrived_ms=time.time_ns() // 1_000_000)
 
 
 def _count_dead_letter(_step: str, item: tuple[str, DeadLetter]) -> None:
