@@ -9,7 +9,7 @@
                   [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
     nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
     nudgeflow bench [--quick] [--json FILE]
-    nudgeflow demo [--users N] [--hours H] [--workers N]
+    nudgeflow demo [--users N] [--hours H] [--workers N] [--serve [--host H] [--port P]]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
     nudgeflow rules check FILE
 """
@@ -81,11 +81,7 @@ def _parser() -> OneLineParser:
     run.add_argument("--snapshot-interval", type=positive_float,
                      help="seconds between snapshots [NUDGEFLOW_SNAPSHOT_INTERVAL_S]")
 
-    demo = commands.add_parser("demo", help="the embedded default: a sample shop, no services")
-    demo.add_argument("--users", type=positive_int, default=3000)
-    demo.add_argument("--hours", type=float, default=4.0)
-    demo.add_argument("--workers", type=positive_int, default=1)
-    demo.add_argument("--out-dir", type=Path, help="keep the sample and outputs here")
+    _add_demo_command(commands)
 
     api = commands.add_parser("dispatch-api", help="the reference dispatch API")
     api.add_argument("--host", default="127.0.0.1")
@@ -106,6 +102,31 @@ def _parser() -> OneLineParser:
     check = rules_commands.add_parser("check", help="validate a rules file")
     check.add_argument("file", type=Path)
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected a port number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 <= value <= 65535:
+        msg = f"must be within 0..65535, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _add_demo_command(commands: Any) -> None:
+    demo = commands.add_parser("demo", help="the embedded default: a sample shop, no services")
+    demo.add_argument("--users", type=positive_int, default=3000)
+    demo.add_argument("--hours", type=float, default=4.0)
+    demo.add_argument("--workers", type=positive_int, default=1)
+    demo.add_argument("--out-dir", type=Path, help="keep the sample and outputs here")
+    demo.add_argument("--serve", action="store_true",
+                      help="then keep the dashboard (/dashboard) up until Ctrl-C")
+    demo.add_argument("--host", default="127.0.0.1", help="the dashboard's address (--serve)")
+    demo.add_argument("--port", type=_port, default=9100,
+                      help="the dashboard's port (--serve; 0 picks a free one)")
 
 
 def _add_tool_commands(commands: Any) -> None:
@@ -186,7 +207,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from nudgeflow.app.demo import run_demo
 
         return run_demo(users=args.users, hours=args.hours, workers=args.workers,
-                        out_dir=args.out_dir)
+                        out_dir=args.out_dir, serve=args.serve, host=args.host, port=args.port)
     if args.command == "dispatch-api":
         from nudgeflow.dispatch_api.server import serve
 

@@ -9,6 +9,8 @@
 # 2. unless --no-lint: `ruff check .`, `mypy` and `lint-imports` (config from pyproject),
 #    failing fast,
 # 3. `scripts/services.sh up` (Kafka + Redis) and exports KAFKA_BOOTSTRAP / REDIS_URL,
+#    and installs Debian's chromium and chromium-driver when missing (the dashboard's
+#    browser test drives them; nothing downloads a browser),
 # 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
 set -euo pipefail
 
@@ -84,6 +86,22 @@ eval "$(tail -n 2 <<<"$exports")"
   die "scripts/services.sh up did not print KAFKA_BOOTSTRAP / REDIS_URL"
 export KAFKA_BOOTSTRAP REDIS_URL
 log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP REDIS_URL=$REDIS_URL"
+
+# The dashboard's browser test (tests/test_dashboard_browser.py) drives Debian's own
+# chromium through its chromedriver.
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+  command -v apt-get >/dev/null 2>&1 ||
+    die "chromium missing and no apt-get: install chromium and chromium-driver"
+  sudo_cmd=()
+  if [[ "$(id -u)" -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || die "installing chromium needs root (or sudo)"
+    sudo_cmd=(sudo)
+  fi
+  log "installing chromium and chromium-driver via apt"
+  "${sudo_cmd[@]}" apt-get update -qq >/dev/null
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    chromium chromium-driver >/dev/null || die "apt-get install chromium chromium-driver failed"
+fi
 
 # --- 4. pytest --------------------------------------------------------------
 log "pytest ${pytest_args[*]:-}"

@@ -100,7 +100,9 @@ def _settings_field_path(variable: str) -> list[str]:
 
 
 def test_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"kafka", "redis", "topics", "dispatch-api", "flow"}
+    assert set(services) == {
+        "kafka", "redis", "topics", "dispatch-api", "flow", "prometheus", "grafana",
+    }
     assert services["kafka"]["image"] == "apache/kafka:3.9.1"
     assert services["topics"]["image"] == "apache/kafka:3.9.1"
     assert services["redis"]["image"] == "redis:7-alpine"
@@ -152,7 +154,8 @@ def test_kafka_is_single_node_kraft(services: dict[str, dict[str, Any]]) -> None
 def test_ports_are_published_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
     assert services["kafka"]["ports"] == ["127.0.0.1:9094:9094"]
     assert services["dispatch-api"]["ports"] == ["127.0.0.1:8080:8080"]
-    assert "ports" not in services["flow"]
+    # The health port: /dashboard for a person on the host (Prometheus scrapes inside).
+    assert services["flow"]["ports"] == ["127.0.0.1:9100:9100"]
     assert "ports" not in services["topics"]
     for service in services.values():
         for port in service.get("ports", []):
@@ -196,7 +199,7 @@ def test_flow_starts_after_its_dependencies(services: dict[str, dict[str, Any]])
 
 
 def test_restart_policies(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("kafka", "redis", "dispatch-api", "flow"):
+    for name in ("kafka", "redis", "dispatch-api", "flow", "prometheus", "grafana"):
         assert services[name]["restart"] == "unless-stopped", name
 
 
@@ -217,6 +220,8 @@ def test_flow_environment(services: dict[str, dict[str, Any]]) -> None:
         "NUDGEFLOW_REDIS__URL": "redis://redis:6379/0",
         "NUDGEFLOW_DISPATCH__URL": "http://dispatch-api:8080",
         "NUDGEFLOW_WORKERS": "2",
+        # inside its container: Prometheus scrapes it from another one
+        "NUDGEFLOW_HEALTH_HOST": "0.0.0.0",
     }
 
 
@@ -332,9 +337,11 @@ def test_the_image_build_context_makes_a_complete_wheel(tmp_path: Path) -> None:
         shipped = {name for name in archive.namelist() if ".dist-info/" not in name}
     expected = {
         relative for relative in tracked
-        if relative.startswith("nudgeflow/") and Path(relative).suffix in {".py", ".yaml", ".j2"}
+        if relative.startswith("nudgeflow/")
+        and Path(relative).suffix in {".py", ".yaml", ".j2", ".html", ".js"}
     }
     assert expected <= shipped, sorted(expected - shipped)
     assert "nudgeflow/config/rules.yaml" in shipped
+    assert "nudgeflow/core/web/dashboard.html" in shipped
     assert "nudgeflow/py.typed" in shipped
     assert {name.split("/")[0] for name in shipped} == {"nudgeflow"}, "only nudgeflow is installed"

@@ -76,6 +76,7 @@ def run_replay(
     rules: Path | RulesConfig | None = None,
     workers: int = 1,
     dispatch: Sink[tuple[str, Decision]] | None = None,
+    record_metrics: bool = False,
 ) -> ReplaySummary:
     """Replay `events` into `out` (and the dead letters); raise NudgeflowError on unusable input."""
     config = rules if isinstance(rules, RulesConfig) else (load_rules(rules) if rules else None)
@@ -86,7 +87,8 @@ def run_replay(
     _check_writable(out)
     _check_writable(dlq)
     flow = build_replay_flow(
-        events, out, dead_letter=dlq, profiles=profiles, rules=config, dispatch=dispatch
+        events, out, dead_letter=dlq, profiles=profiles, rules=config, dispatch=dispatch,
+        record_metrics=record_metrics,
     )
     cli_main(flow, workers_per_process=workers)
     return summarise(out, dlq)

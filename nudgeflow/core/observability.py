@@ -1,10 +1,12 @@
-"""Health endpoints, Prometheus metrics exposition and structured JSON logs for live runs.
+"""Health endpoints, Prometheus metrics exposition, the live dashboard and JSON logs.
 
 `/healthz` answers while the process is alive, `/readyz` once the flow has
 checked its services and started, `/metrics` serves the Prometheus registry
-(ours and bytewax's). Logs are one JSON object per line, carry the trigger id
-on every line about a trigger, and never carry personal data: e-mail addresses
-and phone numbers are masked before a line is written.
+(ours and bytewax's), and `/dashboard` is a page that shows the same registry,
+summarised (`/dashboard.json`, nudgeflow.core.dashboard), every two seconds.
+Logs are one JSON object per line, carry the trigger id on every line about a
+trigger, and never carry personal data: e-mail addresses and phone numbers are
+masked before a line is written.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import re
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from typing import Any, ClassVar, Final
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from nudgeflow.core.dashboard import EventRate, summarise
 from nudgeflow.core.timeutil import format_ms, now_ms
 
 _EMAIL: Final = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
@@ -71,12 +75,27 @@ class Health:
         self.detail = "starting"
 
 
+# The page and its script, package data (served as they are: no build step, no CDN).
+_WEB: Final = files("nudgeflow").joinpath("core", "web")
+_STATIC: Final = {
+    "/dashboard": ("dashboard.html", "text/html; charset=utf-8"),
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     health: ClassVar[Health]
+    registry: ClassVar[CollectorRegistry]
+    rate: ClassVar[EventRate]
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/healthz":
+        if path in _STATIC:
+            name, content_type = _STATIC[path]
+            self._send_bytes(200, _WEB.joinpath(name).read_bytes(), content_type)
+        elif path == "/dashboard.json":
+            self._send(200, summarise(self.registry, self.rate))
+        elif path == "/healthz":
             self._send(200, {"status": "alive", "since": format_ms(self.health.started_ms)})
         elif path == "/readyz":
             ready = self.health.ready.is_set()
@@ -84,20 +103,18 @@ class _Handler(BaseHTTPRequestHandler):
                        {"status": "ready" if ready else "not ready",
                         "detail": self.health.detail})
         elif path == "/metrics":
-            body = generate_latest()
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._send_bytes(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         else:
             self._send(404, {"error": "not found"})
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = orjson.dumps(body)
+        self._send_bytes(status, orjson.dumps(body), "application/json")
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(data)
 
@@ -105,9 +122,16 @@ class _Handler(BaseHTTPRequestHandler):
         return  # probes every few seconds would drown the logs
 
 
-def serve_health(health: Health, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve the endpoints from a daemon thread; returns the server (port 0 picks one)."""
-    handler = type("HealthHandler", (_Handler,), {"health": health})
+def serve_health(
+    health: Health, host: str, port: int, registry: CollectorRegistry = REGISTRY
+) -> ThreadingHTTPServer:
+    """Serve the endpoints from a daemon thread; returns the server (port 0 picks one).
+
+    `/metrics` and `/dashboard.json` both read `registry` (prometheus-client's
+    default one, where the flow records, unless a test passes its own).
+    """
+    handler = type("HealthHandler", (_Handler,),
+                   {"health": health, "registry": registry, "rate": EventRate()})
     server = ThreadingHTTPServer((host, port), handler)
     thread = threading.Thread(target=server.serve_forever, name="health", daemon=True)
     thread.start()

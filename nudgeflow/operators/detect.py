@@ -135,9 +135,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         *,
         shards: int = DEFAULT_SHARDS,
         snapshots: bool = True,
+        record_metrics: bool = False,
         users: Iterable[UserSlot] = (),
     ) -> None:
         self.detector = detector
+        self.record_metrics = record_metrics
         self.clock = clock
         self.end_bound = end_bound
         self.shards = shards
@@ -172,7 +174,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             )
             slot.blob = None
             touched[uid] = slot
-            if now is not None and decisions:  # live: carry each decision's cause for latency
+            if self.record_metrics and decisions:  # carry each decision's cause for latency
                 decisions = metrics.traced(decisions, Cause.of_event(
                     envelope.arrived_ms, envelope.origin.timestamp_ms))
             if verdict is Admit.APPLY:
@@ -188,7 +190,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 cause = envelope.origin.line if envelope.origin.line is not None else 0
                 out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
-        if now is not None:  # live: the admission outcomes, counted once per batch
+        if self.record_metrics:  # the admission outcomes, counted once per batch
             for outcome, count in zip(Admit, counts, strict=True):
                 if count:
                     metrics.record_event_outcome(outcome.value, count)
@@ -225,6 +227,9 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             for uid, slot in self.users.items():
                 decisions = self.detector.finish(slot.state, self.end_bound)
                 slot.blob = None
+                if self.record_metrics:  # decided by the input's end: no cause to time
+                    for decision in decisions:
+                        metrics.record_decision(decision)
                 out.extend(
                     Emitted(d, (AT_END, d.trigger.fired_at_ms, uid, i))
                     for i, d in enumerate(decisions)
@@ -402,20 +407,27 @@ def detect(
     end_bound: int | None = None,
     snapshots: bool = True,
     shards: int = DEFAULT_SHARDS,
+    record_metrics: bool | None = None,
 ) -> DetectOut:
     """Run the detector per user. `clock` makes it live; `end_bound` is replay's input end.
 
     `up` must be keyed by `shard_key(shards)`. Without `snapshots` (a run with no
     recovery directory) a shard's snapshot is an empty placeholder: bytewax asks
     for one per touched key per epoch even when it keeps none.
+
+    `record_metrics` (default: when live) counts admissions and decisions in
+    `nudgeflow.core.metrics` and gives each decision its cause for the latency
+    series; a replay asks for it when something shows them (the demo's dashboard).
     """
+
+    counting = clock is not None if record_metrics is None else record_metrics
 
     def builder(resume: bytes | None) -> _DetectLogic:
         users: list[UserSlot] = []
         if resume is not None:
             users = [UserSlot(*user) for user in shard_snapshot.decode(detector, resume, shards)]
         return _DetectLogic(detector, clock, end_bound, shards=shards, snapshots=snapshots,
-                            users=users)
+                            record_metrics=counting, users=users)
 
     outputs: KeyedStream[Any] = op.stateful_batch(step_id, up, builder)
     branch_late = op.branch(

@@ -42,7 +42,7 @@ COMMAND_TIMEOUT_S = 120.0
 # The top-level names the code had before it moved under nudgeflow/: none may come back.
 OLD_TOP_LEVEL = frozenset({"flows", "operators", "sinks", "bench", "config", "tests", "scripts"})
 # What setuptools puts in the wheel from nudgeflow/ (modules and package data).
-SHIPPED_SUFFIXES = frozenset({".py", ".typed", ".yaml", ".j2"})
+SHIPPED_SUFFIXES = frozenset({".py", ".typed", ".yaml", ".j2", ".html", ".js"})
 
 T = TypeVar("T")
 
@@ -356,6 +356,38 @@ def test_demo_dispatches_the_sample_shop_triggers(installed: Installed, tmp_path
     assert (out / "events.jsonl").stat().st_size > 0
     assert (out / "profiles.jsonl").stat().st_size > 0
     assert not any(cwd.iterdir()), "demo wrote into the working directory"
+
+
+def test_demo_serve_serves_the_dashboard_from_the_installed_package(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """The page and its script are package data: served from the wheel, from any directory."""
+    demo = subprocess.Popen(
+        [installed.nudgeflow, "demo", "--users", "30", "--hours", "0.5", "--serve",
+         "--port", "0"],
+        cwd=_empty_dir(tmp_path), env=_clean_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        url = ""
+        for line in demo.stdout:  # the URL is printed after the run's report
+            if line.startswith("dashboard: "):
+                url = line.split()[1]
+                break
+        assert url.endswith("/dashboard"), "the demo ended without serving"
+        page = httpx.get(url, timeout=10)
+        assert page.status_code == 200 and '<script src="dashboard.js">' in page.text
+        assert "dashboard.json" in httpx.get(f"{url}.js", timeout=10).text
+        assert httpx.get(f"{url}.json", timeout=10).json()["events"]["total"] > 0
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=COMMAND_TIMEOUT_S) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=COMMAND_TIMEOUT_S)
+        if demo.stdout is not None:
+            demo.stdout.close()
 
 
 REPLAY_EVENTS = b"""\

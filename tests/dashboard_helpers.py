@@ -1,0 +1,184 @@
+"""What the dashboard's tests share: the browser, reading the page and /metrics, and the
+attribution step's series as that step names them.
+
+The browser is Debian's chromium driven through Debian's chromedriver
+(`/usr/bin/…`, scripts/test.sh installs both); nothing downloads a browser.
+Without them the browser tests skip, and fail under CI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from nudgeflow.core.dashboard import histogram_quantile
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+NO_VALUE = "\u2013"  # the page's en dash for "nothing measured"
+WAIT_S = 20  # the page polls every 2 s; a loaded CI machine may be slow to start chromium
+
+Labels = frozenset[tuple[str, str]]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
+
+
+def chromium() -> Iterator[webdriver.Chrome]:
+    """A headless chromium for a module's `browser` fixture (`yield from chromium()`)."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        reason = f"{', '.join(missing)} missing: apt-get install chromium chromium-driver"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1300,1900"):
+        options.add_argument(flag)
+    # The driver's path is given: Selenium Manager (which could download one) is not run.
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def artifacts_dir() -> Path:
+    """Where screenshots are kept: `artifacts/` (ignored by git) or `$NUDGEFLOW_ARTIFACTS`."""
+    folder = Path(os.environ.get("NUDGEFLOW_ARTIFACTS", ROOT / "artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def scrape(base: str) -> dict[str, dict[Labels, float]]:
+    """`/metrics` parsed: sample name -> {labels: value}."""
+    out: dict[str, dict[Labels, float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            out[sample.name][frozenset(sample.labels.items())] = sample.value
+    return out
+
+
+def total(samples: dict[Labels, float], **where: str) -> float:
+    want = set(where.items())
+    return sum(v for labels, v in samples.items() if want <= labels)
+
+
+def label_values(samples: dict[Labels, float], label: str) -> set[str]:
+    return {value for labels in samples for name, value in labels if name == label}
+
+
+# Everything the page shows, read in one synchronous script: the page re-renders its
+# tables every poll, so cells read one by one could come from two renders (or vanish).
+_SNAPSHOT_JS = """
+const out = {};
+for (const el of document.querySelectorAll("[id]")) {
+  out["#" + el.id] = el.innerText;
+  if (el.offsetParent === null && el.tagName !== "BODY") out["#" + el.id + ":hidden"] = "";
+}
+for (const td of document.querySelectorAll("table[id] td[data-col]")) {
+  const tr = td.parentElement;
+  const keys = Object.entries(tr.dataset).map(([k, v]) => `${k}=${v}`).sort().join(",");
+  out[`${tr.closest("table").id}[${keys}].${td.dataset.col}`] = td.innerText;
+}
+return out;
+"""
+
+
+class Page:
+    """The text of every element with an id and of every table cell, at one instant."""
+
+    def __init__(self, driver: webdriver.Chrome) -> None:
+        self.texts: dict[str, str] = driver.execute_script(_SNAPSHOT_JS)
+
+    def __getitem__(self, element_id: str) -> str:
+        return self.texts[f"#{element_id}"]
+
+    def hidden(self, element_id: str) -> bool:
+        return f"#{element_id}:hidden" in self.texts
+
+    def cell(self, table: str, col: str, **row: str) -> str:
+        keys = ",".join(f"{k}={v}" for k, v in sorted(row.items()))
+        return self.texts[f"{table}[{keys}].{col}"]
+
+    def rows(self, table: str, key: str) -> set[str]:
+        """The values of the rows' `data-KEY` attribute in `table`."""
+        found = set()
+        for name in self.texts:
+            if name.startswith(f"{table}["):
+                for pair in name[len(table) + 1:name.index("]")].split(","):
+                    k, _, v = pair.partition("=")
+                    if k == key:
+                        found.add(v)
+        return found
+
+
+def number(shown: str) -> float:
+    return float(shown.replace(",", "").removesuffix(" ms").removesuffix("%").lstrip("+"))
+
+
+def open_and_wait(driver: webdriver.Chrome, url: str, after_ms: int) -> None:
+    """Load the page and wait until it shows a summary computed at or after `after_ms`."""
+    driver.get(url)
+    wait_until_updated(driver, after_ms)
+
+
+def wait_until_updated(driver: webdriver.Chrome, after_ms: int) -> None:
+    def updated(d: webdriver.Chrome) -> bool:
+        at = d.find_element(By.ID, "updated").get_attribute("data-at")
+        return bool(at) and int(at) >= after_ms
+
+    WebDriverWait(driver, WAIT_S).until(updated)
+
+
+def shown_ms(q: float, buckets: dict[float, float]) -> str:
+    value = histogram_quantile(q, buckets)
+    return NO_VALUE if value is None else f"{value * 1000:.1f} ms"
+
+
+def buckets(scraped: dict[str, dict[Labels, float]], histogram: str, rule: str | None = None,
+            **where: str) -> dict[float, float]:
+    """A histogram's cumulative buckets from a scrape, summed over the other labels."""
+    out: dict[float, float] = defaultdict(float)
+    for labels, value in scraped[f"{histogram}_bucket"].items():
+        found = dict(labels)
+        if rule in (None, found["rule"]) and all(found[k] == v for k, v in where.items()):
+            out[float(found["le"])] += value
+    return dict(out)
+
+
+def latency_buckets(scraped: dict[str, dict[Labels, float]], rule: str | None = None
+                    ) -> dict[float, float]:
+    """The event-to-dispatch latency the page shows: measured from the source's read."""
+    return buckets(scraped, "nudgeflow_event_to_dispatch_seconds", rule, since="source_read")
+
+
+
+def attribution_counters(registry: CollectorRegistry) -> tuple[Counter, Counter, Counter]:
+    """`nudgeflow_decided_total`, `…_outcomes_total`, `…_outcome_value_total` (issue 13).
+
+    Registered here in a test's own registry: the attribution step records them in
+    the flow, and the dashboard reads whichever of them exist.
+    """
+    decided = Counter("nudgeflow_decided", "decisions by variant",
+                      ["rule", "variant", "decision"], registry=registry)
+    outcomes = Counter("nudgeflow_outcomes", "outcomes by variant",
+                       ["rule", "variant", "outcome"], registry=registry)
+    value = Counter("nudgeflow_outcome_value", "outcome value by variant",
+                    ["rule", "variant"], registry=registry)
+    return decided, outcomes, value
