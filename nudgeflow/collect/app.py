@@ -80,6 +80,8 @@ class ProfileWriter(Protocol):
 
     async def write(self, updates: Sequence[ProfileUpdate]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -126,9 +128,9 @@ class CollectorApp:
             "static/tracker.js").read_bytes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # lifespan: nothing to set up here
+        if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await _lifespan(receive, send)
+                await self._lifespan(receive, send)
             return
         headers = _headers(scope["headers"])
         origin = headers.get(b"origin")
@@ -250,6 +252,18 @@ class CollectorApp:
         body["error"] = "no event of the call was accepted" if items else "the call has no events"
         return _Answer(400, orjson.dumps(body), [_JSON])
 
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Close the profile store's connections on the server's loop, before it closes."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._profiles is not None:
+                    await self._profiles.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
     def _origin_allowed(self, origin: bytes) -> bool:
         return self._any_origin or origin in self._origins
 
@@ -315,11 +329,3 @@ def _query_key(scope: Scope) -> str | None:
     return values[0] if values else None
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

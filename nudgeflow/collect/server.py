@@ -7,6 +7,7 @@ as the reference dispatch API's fast path: measured on this machine
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -48,6 +49,9 @@ class RedisProfiles:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             msg = f"Redis did not store the profiles: {exc}"
             raise RedisUnavailableError(msg) from None
+
+    async def close(self) -> None:
+        await self._client.aclose()
 
 
 def _limits(collect: CollectSettings) -> Limits:
@@ -99,16 +103,23 @@ def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -
 def serve(settings: Settings) -> None:
     """`nudgeflow collect` in the foreground until interrupted."""
     app, writer = build_collector(settings)
+    # uvicorn stops on SIGTERM, then raises it again once its own handlers are gone: this
+    # handler takes it, so the writer is closed and a container stop exits 0.
+    signal.signal(signal.SIGTERM, _taken)
     try:
         # loop/http "auto": uvloop and httptools. No access log: a line per call costs more
         # than the call.
         uvicorn.run(
             app, host=settings.collect.host, port=settings.collect.port, log_level="warning",
-            access_log=False, ws="none", loop="auto", http="auto", lifespan="off",
+            access_log=False, ws="none", loop="auto", http="auto", lifespan="on",
             proxy_headers=False,
         )
     finally:
         writer.close()
+
+
+def _taken(_signum: int, _frame: object) -> None:
+    """A SIGTERM uvicorn has already acted on."""
 
 
 class CollectorThread:
@@ -133,7 +144,7 @@ class CollectorThread:
         sock.bind((self._host, self._port))
         self._socket = sock
         config = uvicorn.Config(self._app, log_level="warning", access_log=False, ws="none",
-                                loop="auto", http="auto", lifespan="off",
+                                loop="auto", http="auto", lifespan="on",
                                 timeout_graceful_shutdown=2)
         server = uvicorn.Server(config)
         self._server = server

@@ -50,6 +50,9 @@ class MemoryProfiles:
             raise RedisUnavailableError(msg)
         self.written.extend(updates)
 
+    async def close(self) -> None:
+        return None
+
 
 class Clock:
     def __init__(self) -> None:
@@ -90,10 +93,10 @@ class Harness:
         return self.request("POST", path, body=body, headers={**basic(KEY), **headers})
 
 
-def harness(limits: Limits = Limits(), *, redis: bool = True) -> Harness:
+def harness(limits: Limits | None = None, *, redis: bool = True) -> Harness:
     sink, profiles, clock = MemorySink(), MemoryProfiles(), Clock()
     app = CollectorApp(sink, write_keys=[KEY], profiles=profiles if redis else None,
-                       limits=limits, clock=clock)
+                       limits=limits or Limits(), clock=clock)
     return Harness(sink, profiles, clock, app)
 
 
