@@ -9,7 +9,9 @@
 # 2. unless --no-lint: `ruff check .`, `mypy` and `lint-imports` (config from pyproject),
 #    failing fast,
 # 3. `scripts/services.sh up` (Kafka + Redis) and exports KAFKA_BOOTSTRAP / REDIS_URL,
-# 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
+# 4. installs Debian's chromium and chromium-driver when missing (the tracker's browser test
+#    drives /usr/bin/chromium through /usr/bin/chromedriver; nothing downloads a browser),
+# 5. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,7 +87,18 @@ eval "$(tail -n 2 <<<"$exports")"
 export KAFKA_BOOTSTRAP REDIS_URL
 log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP REDIS_URL=$REDIS_URL"
 
-# --- 4. pytest --------------------------------------------------------------
+# --- 4. a browser for the tracker's end-to-end test ----------------------------
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+  command -v apt-get >/dev/null 2>&1 || die "chromium missing and apt-get not found; install chromium and chromium-driver"
+  as_root=()
+  [[ "$(id -u)" -eq 0 ]] || as_root=(sudo)
+  log "installing chromium and chromium-driver via apt"
+  "${as_root[@]}" apt-get update -qq >/dev/null
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null ||
+    die "apt-get install chromium chromium-driver failed"
+fi
+
+# --- 5. pytest --------------------------------------------------------------
 log "pytest ${pytest_args[*]:-}"
 rc=0
 "$PY" -m pytest ${pytest_args[@]+"${pytest_args[@]}"} || rc=$?
