@@ -234,7 +234,8 @@ def _one_run(bootstrap: str, config: CollectorBench, stack: Stack) -> dict[str, 
         asyncio.run(_singles(port, CollectorBench(single_requests=20), "warm"))
         cpu_before, wall_before = _cpu_s(process.pid), time.perf_counter()
         accepted, seconds = asyncio.run(_batches(port, config, topic))
-        cpu_batch = (_cpu_s(process.pid) - cpu_before) / (time.perf_counter() - wall_before)
+        cpu_used = _cpu_s(process.pid) - cpu_before
+        cpu_batch = cpu_used / (time.perf_counter() - wall_before)
         latencies = asyncio.run(_singles(port, config, topic))
     finally:
         process.terminate()
@@ -249,6 +250,9 @@ def _one_run(bootstrap: str, config: CollectorBench, stack: Stack) -> dict[str, 
         "stack": stack,
         "batch_events_per_s": accepted / seconds,
         "batch_server_cpu": cpu_batch,
+        # CPU the collector spent per accepted event (answers after the window included, so
+        # an upper bound): what bounds one saturated core
+        "batch_cpu_us_per_event": cpu_used / accepted * 1e6 if accepted else None,
         "single_p50_ms": percentile(latencies, 50),
         "single_p99_ms": percentile(latencies, 99),
         "single_max_ms": max(latencies),
@@ -269,6 +273,8 @@ def run(config: CollectorBench, *, bootstrap: str) -> dict[str, Any]:
         stacks[stack] = {
             "batch_events_per_s": spread([r["batch_events_per_s"] for r in mine], 0),
             "batch_server_cpu_cores": spread([r["batch_server_cpu"] for r in mine], 2),
+            "batch_cpu_us_per_event": spread(
+                [r["batch_cpu_us_per_event"] for r in mine if r["batch_cpu_us_per_event"]], 1),
             "single_p50_ms": spread([r["single_p50_ms"] for r in mine], 2),
             "single_p99_ms": spread([r["single_p99_ms"] for r in mine], 2),
         }
@@ -295,6 +301,7 @@ def render(result: dict[str, Any]) -> str:
             (f"batches of {result['config']['batch_size']} (events/s)", s["batch_events_per_s"],
              "≥ 5,000"),
             ("server CPU in batches (cores)", s["batch_server_cpu_cores"], ""),
+            ("server CPU per event in batches (µs)", s["batch_cpu_us_per_event"], ""),
             (f"single events at {result['config']['single_rate']:g}/s, p50 (ms)",
              s["single_p50_ms"], ""),
             ("single events, p99 (ms)", s["single_p99_ms"], "< 20"),
