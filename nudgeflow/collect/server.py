@@ -7,6 +7,7 @@ as the reference dispatch API's fast path: measured on this machine
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
@@ -26,6 +27,7 @@ from nudgeflow.core.settings import CollectSettings, Settings
 __all__ = ["CollectorThread", "RedisProfiles", "build_collector", "serve"]
 
 _LOOPBACK: Final = "127.0.0.1"
+log = logging.getLogger(__name__)
 
 
 class RedisProfiles:
@@ -85,10 +87,14 @@ def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -
     ))
     if check_kafka_s is not None:
         try:
-            producer.list_topics(timeout=check_kafka_s)
+            known = producer.list_topics(timeout=check_kafka_s).topics
         except KafkaException as exc:
             msg = f"Kafka at {settings.kafka.bootstrap} cannot be reached: {exc}"
             raise ServiceError(msg) from None
+        for topic in (settings.kafka.input_topic, settings.kafka.dead_letter_topic):
+            if topic not in known:
+                log.warning("topic %s does not exist: unless the brokers create topics on "
+                            "first use, every call will answer 503", topic)
     writer = EventWriter(
         producer, topic=settings.kafka.input_topic,
         dead_letter_topic=settings.kafka.dead_letter_topic,

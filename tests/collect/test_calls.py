@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nudgeflow.collect.calls import Refused, parse_call
 from nudgeflow.collect.identify import ProfileUpdate
@@ -124,3 +126,29 @@ def test_a_body_that_is_not_json_is_one_refusal_keeping_the_body() -> None:
     [item] = parse_call("track", b"\xff\xfe").items
     assert isinstance(item, Refused)
     assert (item.reason, item.raw, item.kind) == ("not valid UTF-8", b"\xff\xfe", "invalid_json")
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**13), st.floats(allow_nan=False),
+    st.sampled_from(["", "p1", "u1", "product", "page_view", "add_to_cart", "page_leave",
+                     "2026-03-01T10:00:00Z", "2026-03-01T10:00:00+25:00"]),
+)
+_EVENTISH = st.dictionaries(
+    st.sampled_from(["event_id", "user_id", "type", "ts", "page_type", "product_id",
+                     "quantity", "price", "dwell_ms", "messageId", "userId", "timestamp"]),
+    _FIELD_VALUES,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(_EVENTISH, _FIELD_VALUES), max_size=5))
+def test_each_item_is_decided_as_the_flow_decides_that_message(items: list[Any]) -> None:
+    parsed = parse_call("events", orjson.dumps(items)).items
+    assert len(parsed) == len(items)
+    for item, outcome in zip(items, parsed, strict=True):
+        flow = decode_event(orjson.dumps(item))
+        if isinstance(flow, Event):
+            assert outcome == flow
+        else:
+            assert isinstance(outcome, Refused)
+            assert outcome.reason == flow.reason
