@@ -10,16 +10,14 @@ downloads a browser or a driver: /usr/bin/chromium through /usr/bin/chromedriver
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import redis
+from browser_helpers import chromium, shop, wait_for
 from kafka_helpers import TopicFactory, consume_all
 from live_helpers import read_api_log, start_flow
 
@@ -29,9 +27,6 @@ from nudgeflow.core.settings import CollectSettings, load_settings
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SHOP = Path(__file__).parent.parent / "fixtures" / "shop"
 KEY = "wk_browser"
 
 RULES = """
@@ -49,73 +44,14 @@ rules:
 """
 
 
-class _ShopHandler(BaseHTTPRequestHandler):
-    pages: ClassVar[dict[str, str]] = {}
-
-    def do_GET(self) -> None:
-        page = self.pages.get(self.path.split("?", 1)[0])
-        if page is None:
-            self.send_error(404)
-            return
-        body = page.encode()
-        self.send_response(200)
-        self.send_header("content-type", "text/html; charset=utf-8")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-@pytest.fixture
-def shop_pages() -> Iterator[tuple[ThreadingHTTPServer, dict[str, str]]]:
-    pages: dict[str, str] = {}
-    handler = type("ShopHandler", (_ShopHandler,), {"pages": pages})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, pages
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail("chromium and chromedriver are missing: apt-get install chromium "
-                    "chromium-driver (scripts/test.sh does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    # An explicit driver path: Selenium Manager (which downloads) is never started.
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
-                              options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(condition: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling for an outcome, not waiting it into being
 
 
 def test_browser_to_collector_to_kafka_to_the_live_flow_to_the_dispatch_api(
     browser: Any,
-    shop_pages: tuple[ThreadingHTTPServer, dict[str, str]],
     dispatch_api: tuple[str, Path],
     make_topic: TopicFactory,
     kafka_bootstrap: str,
@@ -136,25 +72,18 @@ def test_browser_to_collector_to_kafka_to_the_live_flow_to_the_dispatch_api(
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     user = f"shopper-{uuid.uuid4().hex[:8]}"
     try:
-        with CollectorThread(app) as collector:
-            server, pages = shop_pages
-            for name in ("product.html", "home.html"):
-                pages[f"/{name}"] = (SHOP / name).read_text().replace(
-                    "{{COLLECTOR}}", collector.url).replace("{{KEY}}", KEY).replace(
-                    "{{USER}}", user)
-            shop = f"http://127.0.0.1:{server.server_address[1]}"
-
-            browser.get(f"{shop}/product.html")
+        with CollectorThread(app) as collector, shop(collector.url, KEY, user) as site:
+            browser.get(f"{site}/product.html")
             browser.find_element("id", "add").click()
-            _wait(lambda: browser.execute_script("return nudgeflow.pending()") == 0, 10,
+            wait_for(lambda: browser.execute_script("return nudgeflow.pending()") == 0, 10,
                   "the tracker to send the product page's events")
             browser.find_element("id", "home").click()  # pagehide: page_leave by beacon
-            _wait(lambda: browser.current_url.endswith("/home.html"), 10, "the home page")
-            _wait(lambda: browser.execute_script("return nudgeflow.pending()") == 0, 10,
+            wait_for(lambda: browser.current_url.endswith("/home.html"), 10, "the home page")
+            wait_for(lambda: browser.execute_script("return nudgeflow.pending()") == 0, 10,
                   "the tracker to send the home page's view")
 
             messages = consume_all(kafka_bootstrap, topic, expected=4, timeout_s=20)
-            rows = _wait(lambda: [r for r in read_api_log(api_log) if r["user_id"] == user],
+            rows = wait_for(lambda: [r for r in read_api_log(api_log) if r["user_id"] == user],
                          60, "the dispatch API to receive the trigger")
     finally:
         writer.close()
@@ -176,4 +105,4 @@ def test_browser_to_collector_to_kafka_to_the_live_flow_to_the_dispatch_api(
     [row] = rows
     assert row["trigger_type"] == "engaged_reader", output.decode(errors="replace")[-2000:]
     assert row["channel"] == "email"
-    assert row["metadata"] == {"dwell_ms": leave.dwell_ms, "url": f"{shop}/product.html"}
+    assert row["metadata"] == {"dwell_ms": leave.dwell_ms, "url": f"{site}/product.html"}
