@@ -11,6 +11,7 @@ what the flow would dead-letter.
     page       one Segment page call (`type` implied)           Event | Refused
     identify   one Segment identify call (`type` implied)       ProfileUpdate | Refused
     batch      {"batch": [calls with `type`], "context"?: …}   any of the above
+               or one call with its `type` (webhooks)
     events     one canonical event, a JSON array, or NDJSON     Event | Refused
 
 A body that cannot be read at all is one `Refused` item (index 0) with the
@@ -106,9 +107,11 @@ def _event_of(decoded: Event | Rejection, raw: bytes) -> Item:
 
 
 def _batch(data: dict[str, Any], body: bytes) -> list[Item]:
+    if "batch" not in data and "type" in data:
+        return [_segment(data, body)]  # one call, as Segment's webhook destination posts it
     calls = data.get("batch")
     if type(calls) is not list:
-        reason = "a batch is an object with a 'batch' array of calls"
+        reason = "a batch is an object with a 'batch' array of calls (or one call with a 'type')"
         return [Refused(reason, body, "invalid_json")]
     context = data.get("context")
     items: list[Item] = []

@@ -152,3 +152,11 @@ def test_each_item_is_decided_as_the_flow_decides_that_message(items: list[Any])
         else:
             assert isinstance(outcome, Refused)
             assert outcome.reason == flow.reason
+
+
+def test_one_call_posted_to_batch_is_read_as_a_batch_of_one() -> None:
+    """What Segment's webhook destination sends: each call, with its type, to one URL."""
+    call = {"type": "page", "messageId": "m1", "userId": "u1", "timestamp": TS, "name": "cart"}
+    [event] = parse_call("batch", orjson.dumps(call)).items
+    assert isinstance(event, Event)
+    assert event.page_type == "cart"
