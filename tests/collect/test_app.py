@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,3 +269,24 @@ def test_health_readiness_metrics_and_the_tracker(h: Harness) -> None:
     tracker = h.request("GET", "/tracker.js")
     assert tracker.headers["content-type"].startswith("text/javascript")
     assert b"sendBeacon" in tracker.content
+
+
+def test_a_streamed_body_over_the_limit_is_413_without_reading_all_of_it() -> None:
+    h = harness(Limits(max_body_bytes=2048))
+    sent: list[int] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(100):  # 100 KB offered, without a Content-Length
+            sent.append(1)
+            yield b" " * 1024
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=h.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+            return await client.post("/v1/events", content=chunks(), headers=basic(KEY))
+
+    answer = asyncio.run(go())
+    assert answer.status_code == 413
+    assert answer.json() == {"error": "the body is larger than 2048 bytes"}
+    assert h.sink.events == [] and h.sink.dead == []
+    assert len(sent) < 100  # it stopped reading at the limit
