@@ -59,7 +59,6 @@ _BODY_TYPES: Final = frozenset({
 })
 _NDJSON_TYPES: Final = frozenset({b"application/x-ndjson", b"application/ndjson",
                                   b"application/jsonl"})
-_CALL_NAMES: Final = {"track": "track", "page": "page", "identify": "identify"}
 
 
 class RedisUnavailableError(ServiceError):
@@ -218,6 +217,7 @@ class CollectorApp:
         updates: list[ProfileUpdate] = []
         dead: list[tuple[bytes, str]] = []
         rejected: list[dict[str, Any]] = []
+        kinds: list[str] = []  # of the rejected items, counted once the call is answered
         for index, item in enumerate(items):
             if isinstance(item, Event):
                 events.append(item)
@@ -225,13 +225,13 @@ class CollectorApp:
                 if self._profiles is None:
                     reason = "profiles are not stored: the collector runs without Redis"
                     rejected.append({"index": index, "reason": reason})
-                    metrics.rejected.labels("invalid_profile").inc()
+                    kinds.append("invalid_profile")
                 else:
                     updates.append(item)
             else:
                 rejected.append({"index": index, "reason": item.reason})
                 dead.append((item.raw, item.reason))
-                metrics.rejected.labels(item.kind).inc()
+                kinds.append(item.kind)
         retry = (b"retry-after", str(self._limits.retry_after_s).encode())
         try:
             if updates and self._profiles is not None:
@@ -241,10 +241,7 @@ class CollectorApp:
             return _error(503, f"{exc}; retry the call", "kafka_unavailable", retry)
         except RedisUnavailableError as exc:
             return _error(503, f"{exc}; retry the call", "redis_unavailable", retry)
-        if events:
-            metrics.accepted.labels(_CALL_NAMES.get(endpoint, "event")).inc(len(events))
-        if updates:
-            metrics.accepted.labels("identify").inc(len(updates))
+        _count(endpoint, len(events), len(updates), kinds)
         accepted = len(events) + len(updates)
         body: dict[str, Any] = {"accepted": accepted, "rejected": rejected}
         if accepted:
@@ -277,6 +274,15 @@ class CollectorApp:
             headers += [(b"access-control-allow-origin", allowed), (b"vary", b"origin")]
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body})
+
+
+def _count(endpoint: Endpoint, events: int, profiles: int, rejected: list[str]) -> None:
+    if events:
+        metrics.accepted.labels(endpoint, "event").inc(events)
+    if profiles:
+        metrics.accepted.labels(endpoint, "profile").inc(profiles)
+    for kind in rejected:
+        metrics.rejected.labels(kind).inc()
 
 
 def _body_too_large(limit: int) -> _Answer:

@@ -1,7 +1,8 @@
 """Prometheus series of the collector (`GET /metrics` on the collector's own port).
 
     series                                        labels
-    nudgeflow_collect_accepted_total              call: track|page|identify|event
+    nudgeflow_collect_accepted_total              endpoint: track|page|identify|batch|events,
+                                                  kind: event|profile
     nudgeflow_collect_rejected_total              reason: invalid_json|invalid_event|
                                                           unsupported_call|invalid_profile
     nudgeflow_collect_refused_total               reason: unauthorized|body_too_large|
@@ -11,8 +12,10 @@
                                                   not_found|method_not_allowed
     nudgeflow_collect_produce_seconds             (histogram: a call's produce to acknowledgement)
 
-`rejected` counts events refused inside a call (each one is also a dead letter);
-`refused` counts whole calls answered with an error status. The labels are
+`accepted` and `rejected` are counted once a call is answered 200 or 400 (a call
+answered 503 is counted when its retry is); `rejected` counts the items refused
+inside a call (each one also a dead letter), `refused` whole calls answered
+with an error status. The labels are
 categories, never the free-text reason: their number stays fixed.
 """
 
@@ -25,8 +28,9 @@ from prometheus_client import Counter, Histogram
 from nudgeflow.core.metrics import LATENCY_BUCKETS_S
 
 accepted: Final = Counter(
-    "nudgeflow_collect_accepted", "Events and identify calls the collector took, by call",
-    ["call"],
+    "nudgeflow_collect_accepted",
+    "Events (to Kafka) and identify calls (to Redis) the collector took, by endpoint",
+    ["endpoint", "kind"],
 )
 rejected: Final = Counter(
     "nudgeflow_collect_rejected", "Items of a call refused and dead-lettered, by reason",

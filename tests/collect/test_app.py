@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from nudgeflow.collect.app import CollectorApp, Limits, RedisUnavailableError
 from nudgeflow.collect.identify import ProfileUpdate
@@ -190,12 +191,21 @@ def test_the_rate_limit_per_write_key_is_429_with_retry_after() -> None:
     assert [e.event_id for e in h.sink.events] == ["a", "b", "c", "d"]
 
 
+def _samples(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_kafka_unavailable_is_503_with_retry_after(h: Harness) -> None:
     h.sink.fail = "Kafka did not take the events: Local: Message timed out"
-    answer = h.post("/v1/events", [event()])
+    rejected = _samples("nudgeflow_collect_rejected_total", reason="invalid_event")
+    refused = _samples("nudgeflow_collect_refused_total", reason="kafka_unavailable")
+    answer = h.post("/v1/events", [event(), {"event_id": "x"}])
     assert answer.status_code == 503
     assert answer.headers["retry-after"] == "2"
     assert "timed out" in answer.json()["error"]
+    # the call counts as refused; its items count when its retry is answered
+    assert _samples("nudgeflow_collect_refused_total", reason="kafka_unavailable") == refused + 1
+    assert _samples("nudgeflow_collect_rejected_total", reason="invalid_event") == rejected
 
 
 def test_redis_unavailable_for_identify_is_503(h: Harness) -> None:
@@ -265,7 +275,7 @@ def test_health_readiness_metrics_and_the_tracker(h: Harness) -> None:
     h.post("/v1/events", [event(), {"nope": 1}])
     metrics = h.request("GET", "/metrics").text
     assert 'nudgeflow_collect_rejected_total{reason="invalid_event"}' in metrics
-    assert 'nudgeflow_collect_accepted_total{call="event"}' in metrics
+    assert 'nudgeflow_collect_accepted_total{endpoint="events",kind="event"}' in metrics
     tracker = h.request("GET", "/tracker.js")
     assert tracker.headers["content-type"].startswith("text/javascript")
     assert b"sendBeacon" in tracker.content
