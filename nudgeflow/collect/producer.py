@@ -61,6 +61,9 @@ def producer_config(bootstrap: str, *, delivery_timeout_s: float, linger_ms: flo
         "linger.ms": linger_ms,
         "message.timeout.ms": int(delivery_timeout_s * 1000),
         "compression.type": "lz4",
+        # The Java clients' partitioner: a shop's own producers and the collector then put
+        # one user on one partition, which keeps that user's events in order.
+        "partitioner": "murmur2_random",
         "client.id": "nudgeflow-collect",
     }
 

@@ -26,6 +26,30 @@ AUTH = (KEY, "")
 TS = "2026-03-01T10:00:00Z"
 
 
+def java_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's Java clients pick for a key: murmur2, made positive, modulo."""
+    m, length = 0x5BD1E995, len(key)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(key[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = key[length - length % 4:]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h ^= tail[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
 def settings_for(bootstrap: str, topic: str, redis_url: str, **collect: Any) -> Settings:
     base = load_settings(brokers=bootstrap, topic=topic, dead_letter_topic=f"{topic}.dlq",
                          redis_url=redis_url)
@@ -66,6 +90,8 @@ def test_a_200_means_kafka_holds_every_event_keyed_by_user(
         decoded = decode_event(message.value())
         assert isinstance(decoded, Event)
         assert message.key() == decoded.user_id.encode()
+        # where a shop's own Java producer would put that user too
+        assert message.partition() == java_partition(message.key(), 3)
         by_id[decoded.event_id] = decoded
     assert by_id["m1"].type == "add_to_cart"
     assert by_id["m2"].page_type == "pricing"
