@@ -1,6 +1,7 @@
 """The collector's HTTP interface, as a pure ASGI app (no framework on the hot path).
 
     POST /v1/track | /v1/page | /v1/identify | /v1/batch    Segment's HTTP Tracking API
+         (and /v1/t, /v1/p, /v1/i, /v1/b, where analytics.js posts them)
     POST /v1/events                                         canonical events: one, an array, NDJSON
          200 {"accepted": N, "rejected": [{"index": i, "reason": "…"}]}   N ≥ 1
          400 the same body (and "error") when no item was accepted
@@ -51,7 +52,11 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON: Final = (b"content-type", b"application/json")
-_ROUTES: Final[dict[str, Endpoint]] = {f"/v1/{name}": name for name in ENDPOINTS}
+_ROUTES: Final[dict[str, Endpoint]] = {
+    **{f"/v1/{name}": name for name in ENDPOINTS},
+    # the short paths analytics.js (analytics-next) posts to
+    "/v1/t": "track", "/v1/p": "page", "/v1/i": "identify", "/v1/b": "batch",
+}
 # Browsers send beacons as text/plain: a "simple" request, without a CORS preflight.
 _BODY_TYPES: Final = frozenset({
     b"application/json", b"text/plain", b"application/x-ndjson", b"application/ndjson",

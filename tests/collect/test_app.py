@@ -300,3 +300,15 @@ def test_a_streamed_body_over_the_limit_is_413_without_reading_all_of_it() -> No
     assert answer.json() == {"error": "the body is larger than 2048 bytes"}
     assert h.sink.events == [] and h.sink.dead == []
     assert len(sent) < 100  # it stopped reading at the limit
+
+
+def test_analytics_js_short_paths_with_the_key_in_a_text_body(h: Harness) -> None:
+    """analytics.js posts `text/plain` JSON to /v1/t, /v1/p, … with `writeKey` in the body."""
+    call = {"type": "track", "event": "Product Viewed", "messageId": "ajs-1",
+            "anonymousId": "a1", "timestamp": TS, "writeKey": KEY,
+            "properties": {"product_id": "p1"}, "sentAt": TS, "_metadata": {}}
+    answer = h.request("POST", "/v1/t", body=orjson.dumps(call),
+                       headers={"content-type": "text/plain"})
+    assert answer.status_code == 200
+    [taken] = h.sink.events
+    assert (taken.event_id, taken.type, taken.page_type) == ("ajs-1", "page_view", "product")
