@@ -73,7 +73,7 @@ def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -
 ]:
     """The app and its writer (close it when done). Refuses to start without a write key,
     or (with `check_kafka_s`) when Kafka cannot be reached."""
-    from confluent_kafka import KafkaException, Producer
+    from confluent_kafka import Producer
 
     collect = settings.collect
     keys = [key.get_secret_value() for key in collect.write_keys]
@@ -81,20 +81,14 @@ def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -
         msg = "no write key: pass --write-key KEY (or NUDGEFLOW_COLLECT__WRITE_KEYS='[\"KEY\"]')"
         raise ConfigError(msg)
     limits = _limits(collect)
-    producer = Producer(producer_config(
-        settings.kafka.bootstrap, delivery_timeout_s=collect.delivery_timeout_s,
-        linger_ms=collect.linger_ms,
-    ))
     if check_kafka_s is not None:
-        try:
-            known = producer.list_topics(timeout=check_kafka_s).topics
-        except KafkaException as exc:
-            msg = f"Kafka at {settings.kafka.bootstrap} cannot be reached: {exc}"
-            raise ServiceError(msg) from None
-        for topic in (settings.kafka.input_topic, settings.kafka.dead_letter_topic):
-            if topic not in known:
-                log.warning("topic %s does not exist: unless the brokers create topics on "
-                            "first use, every call will answer 503", topic)
+        _check_kafka(settings, check_kafka_s)
+    config = producer_config(settings.kafka.bootstrap,
+                             delivery_timeout_s=collect.delivery_timeout_s,
+                             linger_ms=collect.linger_ms)
+    # librdkafka's own messages (a broker gone, a reconnect) as JSON log lines, from the
+    # polling thread.
+    producer = Producer({**config, "logger": logging.getLogger("nudgeflow.collect.kafka")})
     writer = EventWriter(
         producer, topic=settings.kafka.input_topic,
         dead_letter_topic=settings.kafka.dead_letter_topic,
@@ -104,6 +98,24 @@ def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -
     profiles = None if redis_url.lower() == "none" else RedisProfiles(redis_url)
     app = CollectorApp(writer, write_keys=keys, profiles=profiles, limits=limits)
     return app, writer
+
+
+def _check_kafka(settings: Settings, timeout_s: float) -> None:
+    """Refuse to start when the brokers cannot be reached; warn of a missing topic."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # A silent client: the one-line error below says it all.
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap, "log_level": 0})
+    try:
+        known = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        msg = f"Kafka at {settings.kafka.bootstrap} cannot be reached: {exc.args[0].str()}"
+        raise ServiceError(msg) from None
+    for topic in (settings.kafka.input_topic, settings.kafka.dead_letter_topic):
+        if topic not in known:
+            log.warning("topic %s does not exist: unless the brokers create topics on "
+                        "first use, every call will answer 503", topic)
 
 
 def serve(settings: Settings) -> None:

@@ -173,3 +173,14 @@ def test_nudgeflow_collect_without_a_write_key_is_one_line_and_exit_2() -> None:
         "nudgeflow: error: no write key: pass --write-key KEY "
         "(or NUDGEFLOW_COLLECT__WRITE_KEYS='[\"KEY\"]')"
     ]
+
+
+def test_nudgeflow_collect_with_kafka_unreachable_is_one_line_and_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "nudgeflow", "collect", "--write-key", KEY, "--brokers",
+         "127.0.0.1:1"],
+        check=False, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("nudgeflow: error: Kafka at 127.0.0.1:1 cannot be reached: ")
