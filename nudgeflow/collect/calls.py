@@ -74,7 +74,7 @@ def parse_call(endpoint: Endpoint, body: bytes, *, ndjson: bool = False) -> Pars
         return ParsedCall(_batch(data, body), key)
     call = data if "type" in data else {**data, "type": endpoint}
     if call["type"] != endpoint:
-        reason = f"a call to /v1/{endpoint} must be a {endpoint} call (got type {call['type']!r})"
+        reason = f"a call to /v1/{endpoint} must have type {endpoint!r} (got {call['type']!r})"
         return ParsedCall([Refused(reason, body, "unsupported_call")], key)
     return ParsedCall([_segment(call, body)], key)
 
