@@ -68,11 +68,11 @@ def _limits(collect: CollectSettings) -> Limits:
     )
 
 
-def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -> tuple[
+def build_collector(settings: Settings, *, check_kafka: bool = True) -> tuple[
     CollectorApp, EventWriter
 ]:
     """The app and its writer (close it when done). Refuses to start without a write key,
-    or (with `check_kafka_s`) when Kafka cannot be reached."""
+    or (with `check_kafka`) when Kafka cannot be reached within `connect_timeout_s`."""
     from confluent_kafka import Producer
 
     collect = settings.collect
@@ -81,8 +81,8 @@ def build_collector(settings: Settings, *, check_kafka_s: float | None = 10.0) -
         msg = "no write key: pass --write-key KEY (or NUDGEFLOW_COLLECT__WRITE_KEYS='[\"KEY\"]')"
         raise ConfigError(msg)
     limits = _limits(collect)
-    if check_kafka_s is not None:
-        _check_kafka(settings, check_kafka_s)
+    if check_kafka:
+        _check_kafka(settings, collect.connect_timeout_s)
     config = producer_config(settings.kafka.bootstrap,
                              delivery_timeout_s=collect.delivery_timeout_s,
                              linger_ms=collect.linger_ms)

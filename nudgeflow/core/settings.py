@@ -94,6 +94,8 @@ class CollectSettings(BaseModel):
     # message.timeout.ms); the tracker retries after `retry_after_s`.
     delivery_timeout_s: float = Field(default=5.0, gt=0)
     retry_after_s: int = Field(default=2, ge=1)
+    # How long the start waits for the brokers before refusing to start.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
     # A call waits for its acknowledgement, so a linger adds straight to its latency; the
     # events of concurrent calls still travel together while a request is in flight.
     linger_ms: float = Field(default=0.0, ge=0)

@@ -115,7 +115,7 @@ def test_identify_writes_the_profile_hash(
 def test_kafka_that_cannot_take_the_events_gets_503_and_retry_after(redis_url: str) -> None:
     # Nothing listens on port 1: every delivery times out after the collector's 1 s.
     settings = settings_for("127.0.0.1:1", "never", redis_url, delivery_timeout_s=1.0)
-    app, writer = build_collector(settings, check_kafka_s=None)
+    app, writer = build_collector(settings, check_kafka=False)
     try:
         with CollectorThread(app) as server:
             event = {"event_id": "e1", "user_id": "u1", "type": "page_view", "ts": TS}
@@ -179,7 +179,8 @@ def test_nudgeflow_collect_with_kafka_unreachable_is_one_line_and_exit_2() -> No
     result = subprocess.run(
         [sys.executable, "-m", "nudgeflow", "collect", "--write-key", KEY, "--brokers",
          "127.0.0.1:1"],
-        check=False, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        check=False, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "NUDGEFLOW_COLLECT__CONNECT_TIMEOUT_S": "1"},
     )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
