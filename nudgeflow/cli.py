@@ -11,6 +11,8 @@
     nudgeflow bench [--quick] [--json FILE]
     nudgeflow demo [--users N] [--hours H] [--workers N] [--serve [--host H] [--port P]]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
+    nudgeflow collect [--host H] [--port P] [--brokers B] [--topic T] [--write-key KEY]…
+                      [--redis-url R]
     nudgeflow rules check FILE
 """
 
@@ -94,6 +96,7 @@ def _parser() -> OneLineParser:
     api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
     api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
 
+    _add_collect_command(commands)
     _add_tool_commands(commands)
     rules = commands.add_parser("rules", help="work with rules files")
     rules_commands = rules.add_subparsers(
@@ -127,6 +130,20 @@ def _add_demo_command(commands: Any) -> None:
     demo.add_argument("--host", default="127.0.0.1", help="the dashboard's address (--serve)")
     demo.add_argument("--port", type=_port, default=9100,
                       help="the dashboard's port (--serve; 0 picks a free one)")
+
+
+def _add_collect_command(commands: Any) -> None:
+    collect = commands.add_parser("collect", help="the HTTP collector trackers send events to")
+    collect.add_argument("--host", help="[NUDGEFLOW_COLLECT__HOST] (default 127.0.0.1)")
+    collect.add_argument("--port", type=_port, help="[NUDGEFLOW_COLLECT__PORT] (default 8088)")
+    collect.add_argument("--brokers", help="Kafka bootstrap servers [NUDGEFLOW_KAFKA__BOOTSTRAP]")
+    collect.add_argument("--topic", help="input topic [NUDGEFLOW_KAFKA__INPUT_TOPIC]")
+    collect.add_argument("--dead-letter-topic", help="[NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC]")
+    collect.add_argument("--write-key", action="append", dest="write_keys", metavar="KEY",
+                         help="a write key that may send (repeat for more) "
+                              "[NUDGEFLOW_COLLECT__WRITE_KEYS, a JSON list]")
+    collect.add_argument("--redis-url",
+                         help="profiles for identify calls, 'none' to skip [NUDGEFLOW_REDIS__URL]")
 
 
 def _add_tool_commands(commands: Any) -> None:
@@ -219,6 +236,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             hmac_secret=args.hmac_secret or os.environ.get("NUDGEFLOW_API_HMAC_SECRET"),
         )
         return 0
+    if args.command == "collect":
+        return _collect(args)
     if args.command == "rules":
         from nudgeflow.core.rules import load_rules
 
@@ -227,6 +246,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     msg = f"unknown command {args.command}"
     raise AssertionError(msg)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from nudgeflow.collect.server import serve
+    from nudgeflow.core.observability import configure_logging
+    from nudgeflow.core.settings import load_settings
+
+    settings = load_settings(brokers=args.brokers, topic=args.topic,
+                             dead_letter_topic=args.dead_letter_topic, redis_url=args.redis_url)
+    update = {name: value for name, value in
+              {"host": args.host, "port": args.port, "write_keys": args.write_keys}.items()
+              if value is not None}
+    if update:
+        collect = settings.collect.model_validate({**settings.collect.model_dump(), **update})
+        settings = settings.model_copy(update={"collect": collect})
+    configure_logging(settings.log_level)
+    serve(settings)
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:

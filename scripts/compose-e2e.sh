@@ -15,7 +15,8 @@
 #   2. a customer with a profile in Redis views one product 3 times and reads a
 #      page for 130 s: `product_interest` and `engaged_reader` (TRIGGERS.md) must
 #      reach triggers.decisions, and the dispatch API must know the trigger;
-#   3. a malformed event ends on events.dlq.
+#   3. a malformed event ends on events.dlq;
+#   4. an event sent to the collector (write key dev-write-key) reaches `events`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ log() { printf '\n== %s\n' "$*"; }
 fail() {
     printf '\nFAILED: %s\n' "$*" >&2
     "${COMPOSE[@]}" ps -a >&2 || true
-    "${COMPOSE[@]}" logs --tail 60 flow dispatch-api topics >&2 || true
+    "${COMPOSE[@]}" logs --tail 60 flow dispatch-api collector topics >&2 || true
     exit 1
 }
 cleanup() {
@@ -97,6 +98,7 @@ wait_for kafka healthy
 wait_for redis healthy
 wait_for topics exited
 wait_for dispatch-api healthy
+wait_for collector healthy
 wait_for flow running
 
 log "a profile for $USER_ID (email opt-in, so quiet hours do not defer anything)"
@@ -147,5 +149,18 @@ done
 log "the malformed event is dead-lettered"
 dead=$(consume_until events.dlq "$USER_ID-bad")
 grep -- "$USER_ID-bad" <<<"$dead"
+
+log "an event through the collector"
+"${COMPOSE[@]}" exec -T collector python -c '
+import base64, json, sys, urllib.request
+event = {"event_id": sys.argv[1] + "-collected", "user_id": sys.argv[1], "type": "page_view",
+         "ts": int(sys.argv[2])}
+key = base64.b64encode(b"dev-write-key:").decode()
+request = urllib.request.Request(
+    "http://127.0.0.1:8088/v1/events", data=json.dumps(event).encode(),
+    headers={"Content-Type": "application/json", "Authorization": "Basic " + key})
+print(urllib.request.urlopen(request, timeout=10).read().decode())
+' "$USER_ID" "$((base_ms + 202000))" || fail "the collector did not take the event"
+consume_until events "$USER_ID-collected" | grep -- "$USER_ID-collected"
 
 log "OK"

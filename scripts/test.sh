@@ -9,8 +9,8 @@
 # 2. unless --no-lint: `ruff check .`, `mypy` and `lint-imports` (config from pyproject),
 #    failing fast,
 # 3. `scripts/services.sh up` (Kafka + Redis) and exports KAFKA_BOOTSTRAP / REDIS_URL,
-#    and installs Debian's chromium and chromium-driver when missing (the dashboard's
-#    browser test drives them; nothing downloads a browser),
+#    and installs Debian's chromium and chromium-driver when missing (the dashboard's and
+#    the tracker's browser tests drive them; nothing downloads a browser),
 # 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
 set -euo pipefail
 
@@ -87,8 +87,8 @@ eval "$(tail -n 2 <<<"$exports")"
 export KAFKA_BOOTSTRAP REDIS_URL
 log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP REDIS_URL=$REDIS_URL"
 
-# The dashboard's browser test (tests/test_dashboard_browser.py) drives Debian's own
-# chromium through its chromedriver.
+# The browser tests (the dashboard's, the tracker's) drive Debian's own chromium
+# through its chromedriver.
 if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
   command -v apt-get >/dev/null 2>&1 ||
     die "chromium missing and no apt-get: install chromium and chromium-driver"

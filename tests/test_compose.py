@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -30,7 +31,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 E2E_SCRIPT = ROOT / "scripts" / "compose-e2e.sh"
 PREFIX = "NUDGEFLOW_"
-OUR_SERVICES = ("dispatch-api", "flow")
+OUR_SERVICES = ("dispatch-api", "collector", "flow")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def _settings_field_path(variable: str) -> list[str]:
 
 def test_services(services: dict[str, dict[str, Any]]) -> None:
     assert set(services) == {
-        "kafka", "redis", "topics", "dispatch-api", "flow", "prometheus", "grafana",
+        "kafka", "redis", "topics", "dispatch-api", "collector", "flow", "prometheus", "grafana",
     }
     assert services["kafka"]["image"] == "apache/kafka:3.9.1"
     assert services["topics"]["image"] == "apache/kafka:3.9.1"
@@ -123,6 +124,7 @@ def test_our_services_share_one_image_built_here(services: dict[str, dict[str, A
         "8080",
     ]
     assert services["flow"]["command"] == ["run"]
+    assert services["collector"]["command"] == ["collect", "--host", "0.0.0.0", "--port", "8088"]
 
 
 def test_kafka_is_single_node_kraft(services: dict[str, dict[str, Any]]) -> None:
@@ -170,6 +172,10 @@ def test_health_checks(services: dict[str, dict[str, Any]]) -> None:
     assert api[:3] == ["CMD", "python", "-c"]
     assert "urllib.request" in api[3] and "http://127.0.0.1:8080/healthz" in api[3]
     compile(api[3], "healthcheck", "exec")  # the one-liner is valid Python
+    collector = services["collector"]["healthcheck"]["test"]
+    assert collector[:3] == ["CMD", "python", "-c"]
+    assert "http://127.0.0.1:8088/readyz" in collector[3]
+    compile(collector[3], "healthcheck", "exec")
 
 
 def test_topics_job(services: dict[str, dict[str, Any]]) -> None:
@@ -198,8 +204,19 @@ def test_flow_starts_after_its_dependencies(services: dict[str, dict[str, Any]])
     }
 
 
+def test_collector_starts_after_kafka_the_topics_and_redis(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert services["collector"]["depends_on"] == {
+        "kafka": {"condition": "service_healthy"},
+        "topics": {"condition": "service_completed_successfully"},
+        "redis": {"condition": "service_healthy"},
+    }
+    assert services["collector"]["ports"] == ["127.0.0.1:8088:8088"]
+
+
 def test_restart_policies(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("kafka", "redis", "dispatch-api", "flow", "prometheus", "grafana"):
+    for name in ("kafka", "redis", "dispatch-api", "collector", "flow", "prometheus", "grafana"):
         assert services[name]["restart"] == "unless-stopped", name
 
 
@@ -245,6 +262,9 @@ def test_every_nudgeflow_variable_is_a_settings_field(
         value: Any = settings
         for part in path:
             value = getattr(value, part)
+        if isinstance(value, list):  # a JSON list, of secrets (write keys) or plain values
+            value = orjson.dumps([getattr(v, "get_secret_value", lambda v=v: v)()
+                                  for v in value]).decode()
         assert str(value) == ours[name], name
 
 
@@ -344,4 +364,5 @@ def test_the_image_build_context_makes_a_complete_wheel(tmp_path: Path) -> None:
     assert "nudgeflow/config/rules.yaml" in shipped
     assert "nudgeflow/core/web/dashboard.html" in shipped
     assert "nudgeflow/py.typed" in shipped
+    assert "nudgeflow/collect/static/tracker.js" in shipped  # served at /tracker.js
     assert {name.split("/")[0] for name in shipped} == {"nudgeflow"}, "only nudgeflow is installed"

@@ -1,5 +1,8 @@
 """`nudgeflow bench [--quick] [--json FILE]`: `bench_main(argv)` returns the exit code.
 
+`nudgeflow bench --collector [--smoke] [--runs R] [--json FILE]` measures the
+collector instead (`nudgeflow.bench.collector`).
+
 Needs the services of `scripts/services.sh up` (KAFKA_BOOTSTRAP, REDIS_URL in
 the environment, or `--brokers` / `--redis-url`). Prints progress and the table
 on stderr / stdout; `--json` writes every number with its runs and the machine,
@@ -55,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-runs", type=positive_int, help="runs of the memory measure")
     p.add_argument("--levers", action="store_true",
                    help="instead: measure the levers of issue 4 (nudgeflow/bench/levers.py)")
+    p.add_argument("--collector", action="store_true",
+                   help="instead: the collector's events/s in batches and p99 of single "
+                        "events, on one core (nudgeflow/bench/collector.py); Kafka only")
     return p
 
 
@@ -62,6 +68,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     bootstrap = args.brokers or os.environ.get("KAFKA_BOOTSTRAP", "").strip()
     redis_url = args.redis_url or os.environ.get("REDIS_URL", "").strip()
+    if args.collector:
+        return _collector(args, bootstrap)
     if not bootstrap or not redis_url:
         print("nudgeflow bench: error: needs Kafka and Redis: run "
               "'eval \"$(scripts/services.sh up)\"' or pass --brokers and --redis-url",
@@ -95,6 +103,32 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    if args.json is not None:
+        try:
+            args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+        except OSError as exc:
+            print(f"nudgeflow bench: error: cannot write {args.json}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    return 0
+
+
+def _collector(args: argparse.Namespace, bootstrap: str) -> int:
+    if not bootstrap:
+        print("nudgeflow bench: error: needs Kafka: run 'eval \"$(scripts/services.sh up)\"' "
+              "or pass --brokers", file=sys.stderr)
+        return EXIT_USAGE
+    from nudgeflow.bench import collector
+
+    config = collector.SMOKE if args.smoke else collector.QUICK
+    if args.runs is not None:
+        config = replace(config, runs=args.runs)
+    try:
+        result = collector.run(config, bootstrap=bootstrap)
+    except NudgeflowError as exc:
+        print(f"nudgeflow bench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(collector.render(result))
     if args.json is not None:
         try:
             args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")

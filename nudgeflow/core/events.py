@@ -305,6 +305,15 @@ def decode_event(raw: bytes | str) -> Event | Rejection:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return Rejection(_json_reason(raw, exc))
+    return decode_object(data)
+
+
+def decode_object(data: object) -> Event | Rejection:
+    """One decoded JSON value -> an `Event`, or a `Rejection`: `decode_event` after the parse.
+
+    The one decoder of the flow and the collector (`nudgeflow.collect`): a Segment
+    call is normalised (`nudgeflow.core.normalize`), then validated like any event.
+    """
     if type(data) is not dict:
         return Rejection(f"not a JSON object (got {_json_kind(data)})")
     if "event_id" not in data and is_segment(data):
@@ -314,6 +323,17 @@ def decode_event(raw: bytes | str) -> Event | Rejection:
         data = normalised
     event = _fast_event(data)
     return event if event is not None else _model_event(data)
+
+
+def encode_event(event: Event) -> bytes:
+    """The canonical JSON of an event (EVENTS.md §1, `ts` in epoch ms): what the collector writes.
+
+    `decode_event(encode_event(event)) == event`: absent fields are left out, defaults
+    (`page_type`, `quantity`) written as decided.
+    """
+    return orjson.dumps({
+        name: value for name, value in zip(_FIELDS, event, strict=True) if value is not None
+    })
 
 
 def validate_event(data: dict[str, Any]) -> Event | Rejection:

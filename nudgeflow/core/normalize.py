@@ -53,6 +53,9 @@ def is_segment(data: dict[str, Any]) -> bool:
 
 def from_segment(data: dict[str, Any]) -> dict[str, Any] | str:
     """The canonical event for a Segment call, or the reason it cannot be one."""
+    if data.get("messageId") is None:
+        # Segment's libraries always send one; without it a retry could not be deduplicated.
+        return "missing field 'messageId' (the event_id that deduplicates retries)"
     props = data.get("properties")
     props = props if isinstance(props, dict) else {}
     out: dict[str, Any] = {

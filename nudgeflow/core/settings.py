@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nudgeflow.core.resources import DEFAULT_RULES, DEFAULT_TEMPLATES
 
-__all__ = ["DEFAULT_RULES", "DEFAULT_TEMPLATES", "Settings", "load_settings"]
+__all__ = ["DEFAULT_RULES", "DEFAULT_TEMPLATES", "CollectSettings", "Settings", "load_settings"]
 
 
 class KafkaSettings(BaseModel):
@@ -72,6 +72,35 @@ class DispatchSettings(BaseModel):
     circuit_open_s: float = Field(default=1.0, gt=0)
 
 
+class CollectSettings(BaseModel):
+    """`nudgeflow collect`: the HTTP collector in front of the input topic (nudgeflow.collect)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8088, ge=0, le=65535)
+    # The Basic-auth user names (Segment's write keys) that may send; none: every call is 401.
+    # From the environment as a JSON list: NUDGEFLOW_COLLECT__WRITE_KEYS='["key1","key2"]'.
+    write_keys: list[SecretStr] = Field(default_factory=list)
+    # Segment's own limits: 32 KB a call, 500 KB a batch.
+    max_body_bytes: int = Field(default=512 * 1024, ge=1024)
+    max_batch_events: int = Field(default=1000, ge=1)
+    # Token bucket per write key, in events: `rate_per_key` a second, bursts of `burst_per_key`.
+    rate_per_key: float = Field(default=5000.0, gt=0)
+    burst_per_key: int = Field(default=20_000, ge=1)
+    # Browser origins allowed by CORS; ["*"] allows any.
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # A call whose events Kafka has not acknowledged by then answers 503 (librdkafka's
+    # message.timeout.ms); the tracker retries after `retry_after_s`.
+    delivery_timeout_s: float = Field(default=5.0, gt=0)
+    retry_after_s: int = Field(default=2, ge=1)
+    # How long the start waits for the brokers before refusing to start.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # A call waits for its acknowledgement, so a linger adds straight to its latency; the
+    # events of concurrent calls still travel together while a request is in flight.
+    linger_ms: float = Field(default=0.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything a live run needs."""
 
@@ -82,6 +111,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    collect: CollectSettings = CollectSettings()
     rules: Path = DEFAULT_RULES
     templates: Path = DEFAULT_TEMPLATES
     workers: int = Field(default=1, ge=1)
