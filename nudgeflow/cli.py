@@ -1,13 +1,14 @@
 """The `nudgeflow` command. Every failure the user can fix is one line on stderr and exit 2.
 
     nudgeflow replay EVENTS.jsonl --out TRIGGERS.jsonl [--profiles P] [--rules R]
-                     [--workers N] [--dead-letter DLQ.jsonl]
+                     [--workers N] [--dead-letter DLQ.jsonl] [--outcomes OUTCOMES.jsonl]
     nudgeflow replay RECORDING --to-topic T [--speed X | --as-fast-as-possible]
     nudgeflow record --topic T --out FILE [--from-offset N] [--to-offset N]
                      [--from-time TS] [--to-time TS]
     nudgeflow run [--brokers B] [--topic T] [--dispatch-url U] [--redis-url R] [--workers N]
                   [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
     nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
+    nudgeflow report TRIGGERS.jsonl OUTCOMES.jsonl [--json F] [--csv F] [--png F]
     nudgeflow bench [--quick] [--json FILE]
     nudgeflow demo [--users N] [--hours H] [--workers N]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
@@ -55,6 +56,9 @@ def _parser() -> OneLineParser:
     replay.add_argument("--workers", type=positive_int, default=1, help="bytewax workers")
     replay.add_argument(
         "--dead-letter", type=Path, help="dead-letter JSONL (default: next to --out)"
+    )
+    replay.add_argument(
+        "--outcomes", type=Path, help="with --out: write each converted trigger's outcome here"
     )
     replay.add_argument("--quiet", action="store_true", help="no summary on stderr")
 
@@ -125,6 +129,16 @@ def _add_tool_commands(commands: Any) -> None:
     explain.add_argument("--profiles", type=Path)
     explain.add_argument("--rules", type=Path)
 
+    report = commands.add_parser(
+        "report", help="conversion and experiment lift from decisions and outcomes"
+    )
+    report.add_argument("triggers", type=Path, help="decisions JSONL (replay --out)")
+    report.add_argument("outcomes", type=Path, help="outcomes JSONL (replay --outcomes)")
+    report.add_argument("--json", type=Path, help="also write the report as JSON here")
+    report.add_argument("--csv", type=Path, help="also write it as CSV here")
+    report.add_argument("--png", type=Path,
+                        help="draw conversion by variant here (needs nudgeflow[report])")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -182,6 +196,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                  rules=args.rules):
             print(line)
         return 0
+    if args.command == "report":
+        return _report(args)
     if args.command == "demo":
         from nudgeflow.app.demo import run_demo
 
@@ -208,9 +224,33 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(msg)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from nudgeflow.app import report
+
+    if args.png is not None:
+        from nudgeflow.app.report_chart import check_available
+
+        check_available()  # before reading anything
+    result = report.report_files(args.triggers, args.outcomes)
+    for line in report.table_lines(result):
+        print(line)
+    if args.json is not None:
+        report.write_json(result, args.json)
+    if args.csv is not None:
+        report.write_csv(result, args.csv)
+    if args.png is not None:
+        from nudgeflow.app.report_chart import write_png
+
+        write_png(result, args.png)
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.to_topic is None):
         msg = "replay needs exactly one of --out (run the flow) and --to-topic (produce)"
+        raise UsageError(msg)
+    if args.to_topic is not None and args.outcomes is not None:
+        msg = "--outcomes goes with --out (running the flow), not with --to-topic"
         raise UsageError(msg)
     if args.to_topic is not None:
         from nudgeflow.app.topic_io import replay_to_topic
@@ -228,7 +268,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     summary = run_replay(
         args.events, args.out, dead_letter=args.dead_letter, profiles=args.profiles,
-        rules=args.rules, workers=args.workers,
+        rules=args.rules, workers=args.workers, outcomes=args.outcomes,
     )
     if not args.quiet:
         for line in summary.lines():

@@ -1,6 +1,7 @@
 """The bytewax operator around `Detector`: keyed envelopes in, decisions and dead letters out.
 
     (user_id, Envelope) ──detect──► DetectOut.decisions  (user_id, Emitted)
+                                    DetectOut.outcomes   (user_id, EmittedOutcome)
                                     DetectOut.late       (user_id, DeadLetter)   reason "late"
                                     DetectOut.tallies    (user_id, Tally)        replay, at EOF
 
@@ -27,6 +28,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from nudgeflow.core.envelope import DeadLetter, Envelope
 from nudgeflow.core.metrics import Cause, metrics
+from nudgeflow.core.outcomes import Outcome
 from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
@@ -50,6 +52,14 @@ class Emitted:
 
 
 @dataclass(frozen=True, slots=True)
+class EmittedOutcome:
+    """An outcome and its place in the output, ordered like `Emitted`."""
+
+    outcome: Outcome
+    order: tuple[int, int, str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Tally:
     """How one user's events ended (replay summary): applied, duplicate, late."""
 
@@ -58,12 +68,13 @@ class Tally:
     late: int
 
 
-Output = Emitted | DeadLetter | Tally
+Output = Emitted | EmittedOutcome | DeadLetter | Tally
 
 
 @dataclass(frozen=True)
 class DetectOut:
     decisions: KeyedStream[Emitted]
+    outcomes: KeyedStream[EmittedOutcome]
     late: KeyedStream[DeadLetter]
     tallies: KeyedStream[Tally]
 
@@ -125,9 +136,12 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             else:
                 counts[2] += 1
                 out.append(DeadLetter(envelope.raw, envelope.origin, "late", envelope.key))
+            cause = envelope.origin.line if envelope.origin.line is not None else 0
             if decisions:
-                cause = envelope.origin.line if envelope.origin.line is not None else 0
                 out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
+            if user.attribution.outbox:
+                out.extend(EmittedOutcome(o, (cause, i, "", 0))
+                           for i, o in enumerate(user.attribution.drain()))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
         if now is not None:  # live: the admission outcomes, counted once per batch
             for outcome, count in zip(Admit, counts, strict=True):
@@ -163,7 +177,10 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             lateness_ms=self.detector.lateness, last_arrival_ms=self.last_arrival or now,
             max_ts_ms=max_ts, delayed=delayed,
         )
-        return [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)], self._discard()
+        out: list[Output] = [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)]
+        out.extend(EmittedOutcome(o, (0, i, "", 0))
+                   for i, o in enumerate(user.attribution.drain()))
+        return out, self._discard()
 
     def on_eof(self) -> tuple[Iterable[Output], bool]:
         user = self.user
@@ -173,6 +190,10 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             out.extend(
                 Emitted(d, (AT_END, d.trigger.fired_at_ms, user.user_id, i))
                 for i, d in enumerate(decisions)
+            )
+            out.extend(
+                EmittedOutcome(o, (AT_END, o.ts_ms, user.user_id, i))
+                for i, o in enumerate(user.attribution.drain())
             )
         if self.clock is None and any(self.counts):
             out.append(Tally(*self.counts))
@@ -246,8 +267,13 @@ def detect(
     )
     rest: Stream[Any] = branch_late.falses
     branch_tally = op.branch(f"{step_id}_tally", rest, lambda kv: isinstance(kv[1], Tally))
+    emitted: Stream[Any] = branch_tally.falses
+    branch_outcomes = op.branch(
+        f"{step_id}_outcomes", emitted, lambda kv: isinstance(kv[1], EmittedOutcome)
+    )
     return DetectOut(
-        decisions=branch_tally.falses,
+        decisions=branch_outcomes.falses,
+        outcomes=branch_outcomes.trues,
         late=branch_late.trues,
         tallies=branch_tally.trues,
     )
