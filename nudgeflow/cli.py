@@ -9,6 +9,7 @@
                   [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
     nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
     nudgeflow report TRIGGERS.jsonl OUTCOMES.jsonl [--json F] [--csv F] [--png F]
+    nudgeflow report --from-topics [--brokers B] [--json F] [--csv F] [--png F]
     nudgeflow bench [--quick] [--json FILE]
     nudgeflow demo [--users N] [--hours H] [--workers N]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
@@ -132,8 +133,16 @@ def _add_tool_commands(commands: Any) -> None:
     report = commands.add_parser(
         "report", help="conversion and experiment lift from decisions and outcomes"
     )
-    report.add_argument("triggers", type=Path, help="decisions JSONL (replay --out)")
-    report.add_argument("outcomes", type=Path, help="outcomes JSONL (replay --outcomes)")
+    report.add_argument("triggers", type=Path, nargs="?", help="decisions JSONL (replay --out)")
+    report.add_argument("outcomes", type=Path, nargs="?",
+                        help="outcomes JSONL (replay --outcomes)")
+    report.add_argument("--from-topics", action="store_true",
+                        help="read the decisions and outcomes topics instead, as they stand")
+    report.add_argument("--brokers", help="with --from-topics [NUDGEFLOW_KAFKA__BOOTSTRAP]")
+    report.add_argument("--decisions-topic",
+                        help="with --from-topics [NUDGEFLOW_KAFKA__DECISIONS_TOPIC]")
+    report.add_argument("--outcomes-topic",
+                        help="with --from-topics [NUDGEFLOW_KAFKA__OUTCOMES_TOPIC]")
     report.add_argument("--json", type=Path, help="also write the report as JSON here")
     report.add_argument("--csv", type=Path, help="also write it as CSV here")
     report.add_argument("--png", type=Path,
@@ -227,11 +236,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from nudgeflow.app import report
 
+    files = args.triggers is not None and args.outcomes is not None
+    if files == args.from_topics or (not files and args.triggers is not None):
+        msg = "report needs TRIGGERS.jsonl OUTCOMES.jsonl, or --from-topics"
+        raise UsageError(msg)
     if args.png is not None:
         from nudgeflow.app.report_chart import check_available
 
         check_available()  # before reading anything
-    result = report.report_files(args.triggers, args.outcomes)
+    if files:
+        result = report.report_files(args.triggers, args.outcomes)
+    else:
+        from nudgeflow.core.settings import load_settings
+
+        kafka = load_settings(brokers=args.brokers).kafka
+        result = report.report_topics(kafka.bootstrap, args.decisions_topic or
+                                      kafka.decisions_topic,
+                                      args.outcomes_topic or kafka.outcomes_topic)
     for line in report.table_lines(result):
         print(line)
     if args.json is not None:

@@ -1,6 +1,7 @@
 """`nudgeflow report`: what each rule and experiment arm achieved, from decisions and outcomes.
 
     TRIGGERS.jsonl (every decision) + OUTCOMES.jsonl (converted triggers) ─► Report
+    or the topics `triggers.decisions` + `triggers.outcomes`, as they stand ─┘
         ─► terminal table | JSON (--json) | CSV (--csv) | PNG chart (--png)
 
 Per rule, and per experiment arm of a rule with an experiment: triggered,
@@ -145,11 +146,30 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, Any]
             except orjson.JSONDecodeError as exc:
                 msg = f"{path}:{number}: not JSON ({exc})"
                 raise InputFileError(msg) from None
-            missing = [name for name in required if not isinstance(row, dict) or name not in row]
-            if missing:
-                msg = f"{path}:{number}: missing field {missing[0]!r}"
-                raise InputFileError(msg)
-            yield row
+            yield _checked(row, f"{path}:{number}", required)
+
+
+def _checked(row: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    missing = [name for name in required if not isinstance(row, dict) or name not in row]
+    if missing:
+        msg = f"{where}: missing field {missing[0]!r}"
+        raise InputFileError(msg)
+    assert isinstance(row, dict)
+    return row
+
+
+def read_topic(bootstrap: str, topic: str, required: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a topic's messages; one that is not is refused with its position."""
+    from nudgeflow.app.topic_io import topic_values
+
+    for partition, offset, value in topic_values(bootstrap, topic):
+        where = f"topic {topic} partition {partition} offset {offset}"
+        try:
+            row = orjson.loads(value or b"")
+        except orjson.JSONDecodeError as exc:
+            msg = f"{where}: not JSON ({exc})"
+            raise InputFileError(msg) from None
+        yield _checked(row, where, required)
 
 
 def build_report(decisions: Iterable[dict[str, Any]], outcomes: Iterable[dict[str, Any]]) -> Report:
@@ -203,11 +223,18 @@ def build_report(decisions: Iterable[dict[str, Any]], outcomes: Iterable[dict[st
     return report
 
 
+DECISION_FIELDS = ("trigger_id", "trigger_type", "decision")
+OUTCOME_FIELDS = ("trigger_id",)
+
+
 def report_files(triggers: Path, outcomes: Path) -> Report:
-    return build_report(
-        read_jsonl(triggers, ("trigger_id", "trigger_type", "decision")),
-        read_jsonl(outcomes, ("trigger_id",)),
-    )
+    return build_report(read_jsonl(triggers, DECISION_FIELDS), read_jsonl(outcomes, OUTCOME_FIELDS))
+
+
+def report_topics(bootstrap: str, decisions_topic: str, outcomes_topic: str) -> Report:
+    """The report of what both topics hold now (a live flow's decisions and outcomes)."""
+    return build_report(read_topic(bootstrap, decisions_topic, DECISION_FIELDS),
+                        read_topic(bootstrap, outcomes_topic, OUTCOME_FIELDS))
 
 
 # --- writing ---------------------------------------------------------------------------------
