@@ -92,17 +92,7 @@ def _parser() -> OneLineParser:
     demo.add_argument("--workers", type=positive_int, default=1)
     demo.add_argument("--out-dir", type=Path, help="keep the sample and outputs here")
 
-    api = commands.add_parser("dispatch-api", help="the reference dispatch API")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8080)
-    api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
-    api.add_argument("--redis-url", help="keep idempotency, status and schedule in Redis")
-    api.add_argument("--smtp", help="HOST:PORT of the SMTP server for email")
-    api.add_argument("--sms-url", help="SMS provider URL")
-    api.add_argument("--push-url", help="push provider URL")
-    api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
-    api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
-
+    _add_api_command(commands)
     _add_tool_commands(commands)
     rules = commands.add_parser("rules", help="work with rules files")
     rules_commands = rules.add_subparsers(
@@ -111,6 +101,21 @@ def _parser() -> OneLineParser:
     check = rules_commands.add_parser("check", help="validate a rules file")
     check.add_argument("file", type=Path)
     return parser
+
+
+def _add_api_command(commands: Any) -> None:
+    api = commands.add_parser("dispatch-api", help="the reference dispatch API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8080)
+    api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
+    api.add_argument("--outcomes-log", type=Path,
+                     help="append each delivery outcome and webhook event (opened, clicked)")
+    api.add_argument("--redis-url", help="keep idempotency, status and schedule in Redis")
+    api.add_argument("--smtp", help="HOST:PORT of the SMTP server for email")
+    api.add_argument("--sms-url", help="SMS provider URL")
+    api.add_argument("--push-url", help="push provider URL")
+    api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
+    api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
 
 
 def _add_tool_commands(commands: Any) -> None:
@@ -221,6 +226,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             # secrets from the environment keep them out of `ps` and shell history
             token=args.token or os.environ.get("NUDGEFLOW_API_TOKEN"),
             hmac_secret=args.hmac_secret or os.environ.get("NUDGEFLOW_API_HMAC_SECRET"),
+            outcomes_log=args.outcomes_log,
         )
         return 0
     if args.command == "rules":
