@@ -8,7 +8,7 @@
     nudgeflow run [--brokers B] [--topic T] [--dispatch-url U] [--redis-url R] [--workers N]
                   [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
     nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
-    nudgeflow report TRIGGERS.jsonl OUTCOMES.jsonl [--json F] [--csv F] [--png F]
+    nudgeflow report TRIGGERS.jsonl OUTCOMES.jsonl [MORE_OUTCOMES…] [--json F] [--csv F] [--png F]
     nudgeflow report --from-topics [--brokers B] [--json F] [--csv F] [--png F]
     nudgeflow bench [--quick] [--json FILE]
     nudgeflow demo [--users N] [--hours H] [--workers N]
@@ -139,8 +139,8 @@ def _add_tool_commands(commands: Any) -> None:
         "report", help="conversion and experiment lift from decisions and outcomes"
     )
     report.add_argument("triggers", type=Path, nargs="?", help="decisions JSONL (replay --out)")
-    report.add_argument("outcomes", type=Path, nargs="?",
-                        help="outcomes JSONL (replay --outcomes)")
+    report.add_argument("outcomes", type=Path, nargs="*",
+                        help="outcomes JSONL: replay --outcomes, dispatch-api --outcomes-log")
     report.add_argument("--from-topics", action="store_true",
                         help="read the decisions and outcomes topics instead, as they stand")
     report.add_argument("--brokers", help="with --from-topics [NUDGEFLOW_KAFKA__BOOTSTRAP]")
@@ -242,7 +242,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from nudgeflow.app import report
 
-    files = args.triggers is not None and args.outcomes is not None
+    files = args.triggers is not None and bool(args.outcomes)
     if files == args.from_topics or (not files and args.triggers is not None):
         msg = "report needs TRIGGERS.jsonl OUTCOMES.jsonl, or --from-topics"
         raise UsageError(msg)
@@ -251,7 +251,7 @@ def _report(args: argparse.Namespace) -> int:
 
         check_available()  # before reading anything
     if files:
-        result = report.report_files(args.triggers, args.outcomes)
+        result = report.report_files(args.triggers, *args.outcomes)
     else:
         from nudgeflow.core.settings import load_settings
 

@@ -16,9 +16,14 @@ def test_the_demo_prints_the_report_of_its_experiments(
 ) -> None:
     assert run_demo(users=400, hours=2.0, out_dir=tmp_path) == 0
     out = capsys.readouterr().out
-    report = report_files(tmp_path / "triggers.jsonl", tmp_path / "outcomes.jsonl")
+    report = report_files(tmp_path / "triggers.jsonl", tmp_path / "outcomes.jsonl",
+                          tmp_path / "dispatch-outcomes.jsonl")
     saved = orjson.loads((tmp_path / "report.json").read_bytes())
     assert saved == orjson.loads(orjson.dumps(report.to_json()))
+    # the dispatch API delivered every dispatched trigger whose send time has come (all:
+    # the sample's clock is in the past), and its outcomes log says so
+    for entry in saved["rules"].values():
+        assert entry["sent"] == entry["dispatched"]
     # every rule with a demo experiment is read against its holdout, in the printout
     assert "lift against the holdout" in out
     for rule in DEMO_EXPERIMENTS:

@@ -74,19 +74,24 @@ def run_demo(
     with _workdir(out_dir) as work:
         events, profiles = write_sample(work, spec)
         api_log = work / "dispatch-api.jsonl"
+        delivered = work / "dispatch-outcomes.jsonl"
         started = time.perf_counter()
-        with ServerThread(create_app(log_path=api_log)) as api:
+        app = create_app(log_path=api_log, outcomes_log=delivered)
+        with ServerThread(app) as api:
             sink = DispatchSink(DispatchSettings(url=api.url, timeout_s=2.0))
             summary = run_replay(
                 events, work / "triggers.jsonl", profiles=profiles, rules=demo_rules(),
                 workers=workers, dispatch=sink, outcomes=work / "outcomes.jsonl",
             )
+            # Deliver what is due before the API stops (its thread finishes its own round).
+            while app.state.scheduler.run_once():
+                pass
         elapsed = time.perf_counter() - started
         received = _count_lines(api_log) if api_log.exists() else 0
         _print_report(
             summary, users, hours, received=received, elapsed=elapsed, lines=_count_lines(events)
         )
-        report = report_files(work / "triggers.jsonl", work / "outcomes.jsonl")
+        report = report_files(work / "triggers.jsonl", work / "outcomes.jsonl", delivered)
         print()
         print("what the triggers achieved (nudgeflow report: a purchase within 24 h converts; "
               "meas = measured triggers):")

@@ -10,9 +10,14 @@ dispatched, suppressed by reason, attributed (the triggers that are measured,
 attributed trigger, the cart recovery rate of cart rules, and for each arm
 its lift against the holdout (`nudgeflow.app.lift`).
 
+Outcome lines may come from the flow (`converted`) and from the dispatch API's
+outcomes log (`sent`, `failed`, `opened`, `clicked`), in any number of files:
+the delivery and engagement counts come from the latter.
+
 Both inputs may hold repeats (a live flow delivers at least once): a trigger
-counts once, by `trigger_id`. An outcome whose trigger is not among the
-decisions is counted as `unmatched` and otherwise left out.
+counts once, by `trigger_id` (an outcome once per trigger and kind). An outcome
+whose trigger is not among the decisions is counted as `unmatched` and
+otherwise left out.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from nudgeflow.core.outcomes import HOLDOUT_ARM, arm_of, attributed
 
 # The JSON's rounding: rates to 6 places, money to cents.
 _RATE_DIGITS = 6
+# What the dispatch API's outcomes log reports of a dispatched trigger's message.
+DELIVERY_OUTCOMES = ("sent", "failed", "opened", "clicked")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Tally:
     revenue: float = 0.0
     cart_triggers: int = 0  # attributed triggers that carried a cart
     cart_recovered: int = 0
+    delivery: Counter[str] = field(default_factory=Counter)  # DELIVERY_OUTCOMES
 
     @property
     def conversion_rate(self) -> float | None:
@@ -72,7 +80,15 @@ class Tally:
             "revenue_per_trigger": _round(self.revenue_per_trigger, 4),
             "cart_recovered": self.cart_recovered if self.cart_triggers else None,
             "cart_recovery_rate": _round(self.cart_recovery_rate),
+            **{name: self.delivery[name] for name in DELIVERY_OUTCOMES},
+            "open_rate": _round(self.of_sent("opened")),
+            "click_rate": _round(self.of_sent("clicked")),
         }
+
+    def of_sent(self, name: str) -> float | None:
+        """The share of sent messages that were `opened` or `clicked` (None: none sent)."""
+        sent = self.delivery["sent"]
+        return self.delivery[name] / sent if sent else None
 
 
 @dataclass
@@ -201,20 +217,25 @@ def build_report(decisions: Iterable[dict[str, Any]], outcomes: Iterable[dict[st
             if measured:
                 tally.attributed += 1
                 tally.cart_triggers += has_cart
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for row in outcomes:
-        trigger_id = str(row["trigger_id"])
-        if trigger_id in seen or row.get("outcome") != "converted":
+        trigger_id, kind = str(row["trigger_id"]), str(row.get("outcome", "converted"))
+        if (trigger_id, kind) in seen or kind not in ("converted", *DELIVERY_OUTCOMES):
             continue
-        seen.add(trigger_id)
+        seen.add((trigger_id, kind))
         known = triggers.get(trigger_id)
-        if known is None or not known[2]:
+        if known is None or (kind == "converted" and not known[2]):
             report.unmatched_outcomes += 1
             continue
         rule, arm, _, has_cart = known
         rule_report = report.rules[rule]
+        tallies = [rule_report.total] + ([rule_report.arms[arm]] if arm else [])
+        if kind != "converted":
+            for tally in tallies:
+                tally.delivery[kind] += 1
+            continue
         value = row.get("value")
-        for tally in [rule_report.total] + ([rule_report.arms[arm]] if arm else []):
+        for tally in tallies:
             tally.converted += 1
             if isinstance(value, int | float):
                 tally.revenue += float(value)
@@ -227,8 +248,10 @@ DECISION_FIELDS = ("trigger_id", "trigger_type", "decision")
 OUTCOME_FIELDS = ("trigger_id",)
 
 
-def report_files(triggers: Path, outcomes: Path) -> Report:
-    return build_report(read_jsonl(triggers, DECISION_FIELDS), read_jsonl(outcomes, OUTCOME_FIELDS))
+def report_files(triggers: Path, *outcomes: Path) -> Report:
+    """The report of a decisions file and any number of outcome files."""
+    rows = (row for path in outcomes for row in read_jsonl(path, OUTCOME_FIELDS))
+    return build_report(read_jsonl(triggers, DECISION_FIELDS), rows)
 
 
 def report_topics(bootstrap: str, decisions_topic: str, outcomes_topic: str) -> Report:
@@ -250,19 +273,29 @@ def _money(value: float | None) -> str:
 
 def table_lines(report: Report) -> list[str]:
     """The terminal table, then one line per experiment arm saying what its lift means."""
+    engagement = any(
+        tally.delivery for rule in report.rules.values()
+        for tally in [rule.total, *rule.arms.values()]
+    )
+    extra = f" {'sent':>5} {'open':>6} {'click':>6}" if engagement else ""
     header = (f"{'rule / variant':<30} {'trig':>6} {'disp':>6} {'meas':>6} {'conv':>5} "
-              f"{'rate':>6} {'rev/trig':>8} {'cart rec':>8}  suppressed")
+              f"{'rate':>6} {'rev/trig':>8} {'cart rec':>8}{extra}  suppressed")
     lines = [header, "-" * len(header)]
     verdicts: list[str] = []
     for name, rule in sorted(report.rules.items()):
         rows = [(name, rule.total)] + [(f"  {arm}", t) for arm, t in sorted(rule.arms.items())]
         for label, tally in rows:
             suppressed = ", ".join(f"{r} {n}" for r, n in sorted(tally.suppressed.items()))
+            delivered = ""
+            if engagement:
+                delivered = (f" {tally.delivery['sent']:>5} "
+                             f"{_percent(tally.of_sent('opened')):>6} "
+                             f"{_percent(tally.of_sent('clicked')):>6}")
             lines.append(
                 f"{label:<30} {tally.triggered:>6} {tally.dispatched:>6} {tally.attributed:>6} "
                 f"{tally.converted:>5} {_percent(tally.conversion_rate):>6} "
                 f"{_money(tally.revenue_per_trigger):>8} {_percent(tally.cart_recovery_rate):>8}"
-                f"  {suppressed}"
+                f"{delivered}  {suppressed}"
             )
         for arm in sorted(rule.arms):
             verdict = _verdict(name, arm, rule)
@@ -305,6 +338,7 @@ CSV_COLUMNS = (
     "rule", "variant", "triggered", "dispatched", "attributed", "converted", "conversion_rate",
     "revenue", "revenue_per_trigger", "cart_recovery_rate", "lift", "relative_lift",
     "ci_low", "ci_high", "p_value", "significant", "more_users_needed",
+    *DELIVERY_OUTCOMES, "open_rate", "click_rate",
 )
 
 

@@ -252,6 +252,22 @@ def test_a_bad_line_is_refused_with_its_file_and_line(
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_the_dispatch_apis_outcomes_give_delivery_and_engagement_rates(tmp_path: Path) -> None:
+    triggers, outcomes = write_inputs(tmp_path, {"holdout": (0, 2), "b": (1, 4)})
+    delivery = tmp_path / "delivery.jsonl"
+    lines = [{"trigger_id": f"b-{k}", "outcome": "sent"} for k in range(4)]
+    # b-1's click is reported twice: it counts once
+    lines += [{"trigger_id": tid, "outcome": kind} for tid, kind in (
+        ("b-0", "opened"), ("b-1", "opened"), ("b-1", "clicked"), ("b-1", "clicked"))]
+    delivery.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
+    out = tmp_path / "r.json"
+    assert main(["report", str(triggers), str(outcomes), str(delivery), "--json", str(out)]) == 0
+    b = orjson.loads(out.read_bytes())["rules"]["r"]["variants"]["b"]
+    assert (b["sent"], b["opened"], b["clicked"], b["failed"]) == (4, 2, 1, 0)
+    assert (b["open_rate"], b["click_rate"]) == (0.5, 0.25)
+    assert b["converted"] == 1  # delivery lines are not conversions
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 def test_the_png_chart_is_written(tmp_path: Path) -> None:
     triggers, outcomes = write_inputs(tmp_path, {"holdout": (3, 30), "b": (6, 30)})
