@@ -287,3 +287,14 @@ def test_the_png_without_matplotlib_is_refused_before_reading(
     err = capsys.readouterr().err
     assert "pip install 'nudgeflow[report]'" in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["{t}"], ["{t}", "{o}", "--from-topics"]])
+def test_report_needs_both_files_or_the_topics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    triggers, outcomes = write_inputs(tmp_path, {"holdout": (0, 1), "b": (0, 1)})
+    argv = [a.format(t=triggers, o=outcomes) for a in extra]
+    assert main(["report", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TRIGGERS.jsonl OUTCOMES.jsonl, or --from-topics" in err
