@@ -1,13 +1,15 @@
 """The `nudgeflow` command. Every failure the user can fix is one line on stderr and exit 2.
 
     nudgeflow replay EVENTS.jsonl --out TRIGGERS.jsonl [--profiles P] [--rules R]
-                     [--workers N] [--dead-letter DLQ.jsonl]
+                     [--workers N] [--dead-letter DLQ.jsonl] [--outcomes OUTCOMES.jsonl]
     nudgeflow replay RECORDING --to-topic T [--speed X | --as-fast-as-possible]
     nudgeflow record --topic T --out FILE [--from-offset N] [--to-offset N]
                      [--from-time TS] [--to-time TS]
     nudgeflow run [--brokers B] [--topic T] [--dispatch-url U] [--redis-url R] [--workers N]
                   [--processes P | --process-id I --addresses A,B] [--recovery-dir D]
     nudgeflow explain --user U EVENTS.jsonl [--profiles P] [--rules R]
+    nudgeflow report TRIGGERS.jsonl OUTCOMES.jsonl [MORE_OUTCOMES…] [--json F] [--csv F] [--png F]
+    nudgeflow report --from-topics [--brokers B] [--json F] [--csv F] [--png F]
     nudgeflow bench [--quick] [--json FILE]
     nudgeflow demo [--users N] [--hours H] [--workers N] [--serve [--host H] [--port P]]
     nudgeflow dispatch-api [--host H] [--port P] [--log FILE]
@@ -58,6 +60,9 @@ def _parser() -> OneLineParser:
     replay.add_argument(
         "--dead-letter", type=Path, help="dead-letter JSONL (default: next to --out)"
     )
+    replay.add_argument(
+        "--outcomes", type=Path, help="with --out: write each converted trigger's outcome here"
+    )
     replay.add_argument("--quiet", action="store_true", help="no summary on stderr")
 
     run = commands.add_parser("run", help="live: Kafka in, dispatch API out")
@@ -85,17 +90,7 @@ def _parser() -> OneLineParser:
 
     _add_demo_command(commands)
 
-    api = commands.add_parser("dispatch-api", help="the reference dispatch API")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8080)
-    api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
-    api.add_argument("--redis-url", help="keep idempotency, status and schedule in Redis")
-    api.add_argument("--smtp", help="HOST:PORT of the SMTP server for email")
-    api.add_argument("--sms-url", help="SMS provider URL")
-    api.add_argument("--push-url", help="push provider URL")
-    api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
-    api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
-
+    _add_api_command(commands)
     _add_collect_command(commands)
     _add_tool_commands(commands)
     rules = commands.add_parser("rules", help="work with rules files")
@@ -146,6 +141,21 @@ def _add_collect_command(commands: Any) -> None:
                          help="profiles for identify calls, 'none' to skip [NUDGEFLOW_REDIS__URL]")
 
 
+def _add_api_command(commands: Any) -> None:
+    api = commands.add_parser("dispatch-api", help="the reference dispatch API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=_port, default=8080)
+    api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
+    api.add_argument("--outcomes-log", type=Path,
+                     help="append each delivery outcome and webhook event (opened, clicked)")
+    api.add_argument("--redis-url", help="keep idempotency, status and schedule in Redis")
+    api.add_argument("--smtp", help="HOST:PORT of the SMTP server for email")
+    api.add_argument("--sms-url", help="SMS provider URL")
+    api.add_argument("--push-url", help="push provider URL")
+    api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
+    api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
+
+
 def _add_tool_commands(commands: Any) -> None:
     record = commands.add_parser("record", help="write a Kafka topic's messages to a file")
     record.add_argument("--topic", required=True)
@@ -162,6 +172,24 @@ def _add_tool_commands(commands: Any) -> None:
     explain.add_argument("--user", required=True)
     explain.add_argument("--profiles", type=Path)
     explain.add_argument("--rules", type=Path)
+
+    report = commands.add_parser(
+        "report", help="conversion and experiment lift from decisions and outcomes"
+    )
+    report.add_argument("triggers", type=Path, nargs="?", help="decisions JSONL (replay --out)")
+    report.add_argument("outcomes", type=Path, nargs="*",
+                        help="outcomes JSONL: replay --outcomes, dispatch-api --outcomes-log")
+    report.add_argument("--from-topics", action="store_true",
+                        help="read the decisions and outcomes topics instead, as they stand")
+    report.add_argument("--brokers", help="with --from-topics [NUDGEFLOW_KAFKA__BOOTSTRAP]")
+    report.add_argument("--decisions-topic",
+                        help="with --from-topics [NUDGEFLOW_KAFKA__DECISIONS_TOPIC]")
+    report.add_argument("--outcomes-topic",
+                        help="with --from-topics [NUDGEFLOW_KAFKA__OUTCOMES_TOPIC]")
+    report.add_argument("--json", type=Path, help="also write the report as JSON here")
+    report.add_argument("--csv", type=Path, help="also write it as CSV here")
+    report.add_argument("--png", type=Path,
+                        help="draw conversion by variant here (needs nudgeflow[report])")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,6 +248,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                  rules=args.rules):
             print(line)
         return 0
+    if args.command == "report":
+        return _report(args)
     if args.command == "demo":
         from nudgeflow.app.demo import run_demo
 
@@ -234,6 +264,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             # secrets from the environment keep them out of `ps` and shell history
             token=args.token or os.environ.get("NUDGEFLOW_API_TOKEN"),
             hmac_secret=args.hmac_secret or os.environ.get("NUDGEFLOW_API_HMAC_SECRET"),
+            outcomes_log=args.outcomes_log,
         )
         return 0
     if args.command == "collect":
@@ -266,9 +297,45 @@ def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from nudgeflow.app import report
+
+    files = args.triggers is not None and bool(args.outcomes)
+    if files == args.from_topics or (not files and args.triggers is not None):
+        msg = "report needs TRIGGERS.jsonl OUTCOMES.jsonl, or --from-topics"
+        raise UsageError(msg)
+    if args.png is not None:
+        from nudgeflow.app.report_chart import check_available
+
+        check_available()  # before reading anything
+    if files:
+        result = report.report_files(args.triggers, *args.outcomes)
+    else:
+        from nudgeflow.core.settings import load_settings
+
+        kafka = load_settings(brokers=args.brokers).kafka
+        result = report.report_topics(kafka.bootstrap, args.decisions_topic or
+                                      kafka.decisions_topic,
+                                      args.outcomes_topic or kafka.outcomes_topic)
+    for line in report.table_lines(result):
+        print(line)
+    if args.json is not None:
+        report.write_json(result, args.json)
+    if args.csv is not None:
+        report.write_csv(result, args.csv)
+    if args.png is not None:
+        from nudgeflow.app.report_chart import write_png
+
+        write_png(result, args.png)
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.to_topic is None):
         msg = "replay needs exactly one of --out (run the flow) and --to-topic (produce)"
+        raise UsageError(msg)
+    if args.to_topic is not None and args.outcomes is not None:
+        msg = "--outcomes goes with --out (running the flow), not with --to-topic"
         raise UsageError(msg)
     if args.to_topic is not None:
         from nudgeflow.app.topic_io import replay_to_topic
@@ -286,7 +353,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     summary = run_replay(
         args.events, args.out, dead_letter=args.dead_letter, profiles=args.profiles,
-        rules=args.rules, workers=args.workers,
+        rules=args.rules, workers=args.workers, outcomes=args.outcomes,
     )
     if not args.quiet:
         for line in summary.lines():

@@ -188,11 +188,13 @@ def test_topics_job(services: dict[str, dict[str, Any]]) -> None:
         "events": "6",
         "events.dlq": "1",
         "triggers.decisions": "6",
+        "triggers.outcomes": "6",
         "triggers.dlq": "1",
     }
     # The names the flow uses by default are the ones created.
     kafka = KafkaSettings()
-    assert {kafka.input_topic, kafka.dead_letter_topic, kafka.decisions_topic} <= set(created)
+    assert {kafka.input_topic, kafka.dead_letter_topic, kafka.decisions_topic,
+            kafka.outcomes_topic, kafka.triggers_dlq_topic} <= set(created)
 
 
 def test_flow_starts_after_its_dependencies(services: dict[str, dict[str, Any]]) -> None:

@@ -719,6 +719,8 @@ def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -
         ("GET", "/api/trigger/status/{trigger_id}"),
         ("POST", "/api/trigger/{trigger_id}/cancel"),
         ("DELETE", "/api/trigger/{trigger_id}"),
+        ("POST", "/api/trigger/{trigger_id}/events"),
+        ("GET", "/api/trigger/{trigger_id}/events"),
     }
     error_ref = "#/components/schemas/ErrorBody"
     expected_errors = {
@@ -728,6 +730,8 @@ def test_openapi_declares_every_operation_and_its_errors(client: httpx.Client) -
         ("GET", "/api/trigger/status/{trigger_id}"): {"401", "404", "500"},
         ("POST", "/api/trigger/{trigger_id}/cancel"): {"401", "404", "409", "500"},
         ("DELETE", "/api/trigger/{trigger_id}"): {"401", "404", "409", "500"},
+        ("POST", "/api/trigger/{trigger_id}/events"): {"400", "401", "404", "409", "500"},
+        ("GET", "/api/trigger/{trigger_id}/events"): {"401", "404", "500"},
     }
     for key, operation in operations.items():
         responses = operation["responses"]
@@ -972,3 +976,99 @@ def test_healthz_answers_container_health_checks_without_credentials() -> None:
         refused = httpx.get(f"{server.url}/api/trigger/status/x")
     assert (answer.status_code, answer.json()) == (200, {"status": "alive"})
     assert refused.status_code == 401
+
+
+# -- outcomes: delivery, and the webhook's opened and clicked ---------------------------------
+
+
+def test_store_records_delivery_and_engagement_events_once(store: TriggerStore) -> None:
+    store.put_if_absent(record("a"))
+    store.put_if_absent(record("b"))
+    store.put_if_absent(record("c", status="scheduled"))
+    store.start_deliveries(["a", "b"])
+    finished = store.finish_deliveries([("a", "sent", None), ("b", "failed", "boom"),
+                                        ("c", "sent", None)], NOW_MS)
+    assert finished == ["a", "b"]  # c was never started: not accepted, nothing set
+
+    async def go() -> None:
+        _, opened = await store.arecord_event("a", "opened", NOW_MS + 5)
+        _, clicked = await store.arecord_event("a", "clicked", NOW_MS + 9)
+        _, again = await store.arecord_event("a", "clicked", NOW_MS + 20)
+        assert (opened, clicked, again) == (["opened"], ["clicked"], [])
+        failed, none = await store.arecord_event("b", "opened", NOW_MS)
+        assert failed is not None and failed.status == "failed" and none == []
+        unknown, _ = await store.arecord_event("zzz", "opened", NOW_MS)
+        assert unknown is None
+        assert await store.aevents("a") == {"sent": NOW_MS, "opened": NOW_MS + 5,
+                                            "clicked": NOW_MS + 9}
+        assert await store.aevents("b") == {"failed": NOW_MS}
+        assert await store.aevents("c") == {}
+        await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_click_reported_first_records_the_open_with_it(store: TriggerStore) -> None:
+    store.put_if_absent(record("a"))
+    store.start_deliveries(["a"])
+    store.finish_deliveries([("a", "sent", None)], NOW_MS)
+
+    async def go() -> None:
+        _, recorded = await store.arecord_event("a", "clicked", NOW_MS + 7)
+        assert recorded == ["opened", "clicked"]
+        assert await store.aevents("a") == {"sent": NOW_MS, "opened": NOW_MS + 7,
+                                            "clicked": NOW_MS + 7}
+        await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_the_webhook_records_opens_and_clicks_of_sent_messages_in_the_outcomes_log(
+    tmp_path: Path,
+) -> None:
+    outcomes = tmp_path / "outcomes.jsonl"
+    failing = RecordingAdapter("sms", error="provider down")
+    app = create_app(clock=fixed_now, run_scheduler=False, outcomes_log=outcomes,
+                     adapters={"sms": failing})
+    sent_body = make_decision(1).dispatch_body()
+    failed_body = {**make_decision(2).dispatch_body(), "channel": "sms"}
+    later = make_decision(3, send_at_ms=NOW_MS + 3_600_000).dispatch_body()
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        for body in (sent_body, failed_body, later):
+            assert post(client, body).status_code == 202
+        assert app.state.scheduler.run_once() == 2
+        sent_id, failed_id = sent_body["trigger_id"], failed_body["trigger_id"]
+
+        opened = client.post(f"/api/trigger/{sent_id}/events",
+                             json={"event": "opened", "at": "2026-03-01T10:20:00Z"})
+        assert opened.status_code == 200, opened.text
+        assert opened.json() == {"trigger_id": sent_id, "event": "opened",
+                                 "recorded": ["opened"]}
+        clicked = client.post(f"/api/trigger/{sent_id}/events", json={"event": "clicked"})
+        assert clicked.json()["recorded"] == ["clicked"]
+        repeat = client.post(f"/api/trigger/{sent_id}/events", json={"event": "opened"})
+        assert repeat.json()["recorded"] == []
+
+        assert "failed" in assert_error(
+            client.post(f"/api/trigger/{failed_id}/events", json={"event": "opened"}), 409)
+        assert "scheduled" in assert_error(client.post(
+            f"/api/trigger/{later['trigger_id']}/events", json={"event": "clicked"}), 409)
+        assert_error(client.post("/api/trigger/nope/events", json={"event": "opened"}), 404)
+        assert_error(client.post(f"/api/trigger/{sent_id}/events", json={"event": "read"}), 400)
+
+        events = client.get(f"/api/trigger/{sent_id}/events").json()
+        assert events == {"trigger_id": sent_id, "events": {
+            "clicked": "2026-03-01T10:15:00Z", "opened": "2026-03-01T10:20:00Z",
+            "sent": "2026-03-01T10:15:00Z",
+        }}
+        assert client.get(f"/api/trigger/{failed_id}/events").json()["events"] == {
+            "failed": "2026-03-01T10:15:00Z"}
+        assert_error(client.get("/api/trigger/nope/events"), 404)
+        assert client.options(f"/api/trigger/{sent_id}/events").headers["allow"] == "GET, POST"
+
+    lines = log_lines(outcomes)
+    assert [(line["trigger_id"], line["outcome"]) for line in lines] == [
+        (sent_id, "sent"), (failed_id, "failed"), (sent_id, "opened"), (sent_id, "clicked"),
+    ]
+    assert {line["trigger_type"] for line in lines} == {"cart_abandonment"}
+    assert lines[-2]["ts"] == "2026-03-01T10:20:00Z"

@@ -77,7 +77,7 @@ def test_every_default_check_is_enabled_for_every_operation() -> None:
         schema[path][method] for path, methods in DOCUMENT["paths"].items() for method in methods
     ]
 
-    assert len(operations) == 6
+    assert len(operations) == 8
     for operation in operations:
         config = schema.config.checks_config_for(operation=operation, phase=None)
         disabled = [name for name in DEFAULT_CHECKS if not config.get_by_name(name=name).enabled]

@@ -179,3 +179,45 @@ def test_traced_timers_measure_a_delayed_send_from_its_send_time(m: Metrics) -> 
     out = m.traced_timers([timer, delayed], lateness_ms=500, last_arrival_ms=10_000,
                           max_ts_ms=1_000, delayed={"late"})
     assert [d.cause for d in out] == [Cause.of_timer(11_501)] * 2
+
+
+def _in_arm(variant: str | None, holdout: bool, reason: str | None = None) -> Decision:
+    trigger = Trigger(
+        trigger_id="t-2", trigger_type="cart_abandonment", user_id="u1", fired_at_ms=1_000,
+        detected_at_ms=1_000, segment="new",
+        metadata={"experiment": {"name": "x", "variant": variant, "holdout": holdout}},
+    )
+    if reason is None:
+        return Decision(trigger, "dispatched", None, channel="email")
+    return Decision(trigger, "suppressed", reason)
+
+
+def test_decisions_count_by_experiment_arm(m: Metrics, registry: CollectorRegistry) -> None:
+    m.record_decision(_in_arm("now", holdout=False))
+    m.record_decision(_in_arm(None, holdout=True, reason="holdout"))
+    m.record_decision(decision())
+    series = "nudgeflow_decided_total"
+    assert value(registry, series, rule="cart_abandonment", variant="now",
+                 decision="dispatched", reason="none") == 1
+    assert value(registry, series, rule="cart_abandonment", variant="holdout",
+                 decision="suppressed", reason="holdout") == 1
+    assert value(registry, series, rule="product_interest", variant="",
+                 decision="dispatched", reason="none") == 1
+
+
+def test_outcomes_count_conversions_cart_recoveries_and_value_by_arm(
+    m: Metrics, registry: CollectorRegistry
+) -> None:
+    from nudgeflow.core.outcomes import Outcome as Converted
+
+    m.record_outcome(Converted("t1", "cart_abandonment", "u1", 0, 5, 30.0, "now", True))
+    m.record_outcome(Converted("t2", "cart_abandonment", "u2", 0, 5, 12.5, "now", False))
+    m.record_outcome(Converted("t3", "engaged_reader", "u3", 0, 5, None, "", None))
+    labels = {"rule": "cart_abandonment", "variant": "now"}
+    assert value(registry, "nudgeflow_outcomes_total", outcome="converted", **labels) == 2
+    assert value(registry, "nudgeflow_outcomes_total", outcome="cart_recovered", **labels) == 1
+    assert value(registry, "nudgeflow_outcome_value_total", **labels) == 42.5
+    assert value(registry, "nudgeflow_outcomes_total", rule="engaged_reader", variant="",
+                 outcome="converted") == 1
+    assert value(registry, "nudgeflow_outcome_value_total", rule="engaged_reader",
+                 variant="") == 0

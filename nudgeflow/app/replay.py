@@ -77,6 +77,7 @@ def run_replay(
     workers: int = 1,
     dispatch: Sink[tuple[str, Decision]] | None = None,
     record_metrics: bool = False,
+    outcomes: Path | None = None,
 ) -> ReplaySummary:
     """Replay `events` into `out` (and the dead letters); raise NudgeflowError on unusable input."""
     config = rules if isinstance(rules, RulesConfig) else (load_rules(rules) if rules else None)
@@ -86,9 +87,12 @@ def run_replay(
     dlq = dead_letter or default_dead_letter(out)
     _check_writable(out)
     _check_writable(dlq)
+    if outcomes is not None:
+        _check_writable(outcomes)
     flow = build_replay_flow(
         events, out, dead_letter=dlq, profiles=profiles, rules=config, dispatch=dispatch,
         record_metrics=record_metrics,
+        outcomes=outcomes,
     )
     cli_main(flow, workers_per_process=workers)
     return summarise(out, dlq)

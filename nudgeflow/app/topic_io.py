@@ -147,6 +147,20 @@ def record_topic(
     return count
 
 
+def topic_values(bootstrap: str, topic: str) -> Iterator[tuple[int, int, bytes | None]]:
+    """(partition, offset, value) of every message the topic holds now, partition by partition."""
+    partitions = _partitions(bootstrap, topic)
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "nudgeflow-record"})
+    try:
+        ranges = _ranges(probe, topic, partitions, Bounds())
+    finally:
+        probe.close()
+    for partition, (start, end) in sorted(ranges.items()):
+        if end > start:
+            for message in _read_partition(bootstrap, topic, partition, start, end):
+                yield message.partition, message.offset, message.value
+
+
 def replay_to_topic(
     recording: Path,
     bootstrap: str,

@@ -217,6 +217,7 @@ def build(job: FlowJob) -> Any:
     dispatch_sink: Any = None
     dead_letters: Any = None
     decisions: Any = None
+    outcomes: Any = None
     if job.null_dispatch:
         dispatch_sink = _NullSink()
     elif job.background_dispatch:
@@ -224,7 +225,7 @@ def build(job: FlowJob) -> Any:
 
         dispatch_sink = BackgroundDispatchSink(settings.dispatch)
     if job.null_kafka_sinks:
-        dead_letters, decisions = _NullSink(), _NullSink()
+        dead_letters, decisions, outcomes = _NullSink(), _NullSink(), _NullSink()
     elif job.kafka_sinks != "default":
         from nudgeflow.bench.proto import TunedKafkaSink
         from nudgeflow.flows.live import decision_message
@@ -238,6 +239,7 @@ def build(job: FlowJob) -> Any:
         dispatch=dispatch_sink,
         dead_letters=dead_letters,
         decisions=decisions,
+        outcomes=outcomes,
         profiles=(
             StaticProfiles(load_profiles(Path(job.profiles_file))) if job.profiles_file else None
         ),

@@ -15,6 +15,10 @@ topic, partition}`, from librdkafka's statistics every second).
     nudgeflow_triggers_detected_total                     rule
     nudgeflow_triggers_dispatched_total                   rule       (policy decision)
     nudgeflow_triggers_suppressed_total                   rule, reason
+    nudgeflow_decided_total                               rule, variant, decision, reason
+    nudgeflow_outcomes_total                              rule, variant, outcome:
+                                                          converted|cart_recovered
+    nudgeflow_outcome_value_total                         rule, variant  (purchase value)
     nudgeflow_dispatch_delivered_total                    rule       (the API answered 2xx)
     nudgeflow_dispatch_failures_total                     rule       (gave up: triggers.dlq)
     nudgeflow_dispatch_retries_total                      rule       (attempts after the first)
@@ -22,6 +26,15 @@ topic, partition}`, from librdkafka's statistics every second).
     nudgeflow_timer_lag_seconds                           rule
     nudgeflow_profile_lookups_total                       result: hit|miss (cache hit rate)
     nudgeflow_redis_outages_total
+
+`variant` is the trigger's experiment arm (`nudgeflow.core.outcomes.arm_of`):
+a variant's name, `holdout`, `treatment` (an experiment with a holdout and no
+variants), or "" for a rule without an experiment. `decision` is `dispatched`
+or `suppressed`, `reason` the suppression's (`none` when dispatched). A
+conversion rate by arm is `outcomes_total{outcome="converted"}` over the
+measured decisions: `decided_total` with `decision="dispatched"` or `reason`
+`holdout`/`control`/`cancelled` (`nudgeflow.core.outcomes`). A converted cart
+trigger whose cart was bought counts once more, as `cart_recovered`.
 
 Latency is measured to the dispatch API's answer. A decision caused by an
 event carries a `Cause` with the event's Kafka timestamp and the wall time the
@@ -43,9 +56,11 @@ from typing import TYPE_CHECKING, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
+from nudgeflow.core.outcomes import arm_of
 from nudgeflow.core.timeutil import now_ms
 
 if TYPE_CHECKING:
+    from nudgeflow.core.outcomes import Outcome
     from nudgeflow.core.triggers import Decision
 
 __all__ = [
@@ -57,6 +72,7 @@ __all__ = [
     "record_decision",
     "record_dispatch",
     "record_event_outcome",
+    "record_outcome",
     "serve_metrics",
     "timer_due_ms",
     "traced",
@@ -134,6 +150,19 @@ class Metrics:
             "nudgeflow_triggers_suppressed", "Triggers the policies suppressed, by reason",
             ["rule", "reason"], registry=registry,
         )
+        self.decided = Counter(
+            "nudgeflow_decided", "Decisions by rule, experiment arm, decision and reason",
+            ["rule", "variant", "decision", "reason"], registry=registry,
+        )
+        self.outcomes = Counter(
+            "nudgeflow_outcomes",
+            "Trigger outcomes by rule and experiment arm (converted; cart_recovered)",
+            ["rule", "variant", "outcome"], registry=registry,
+        )
+        self.outcome_value = Counter(
+            "nudgeflow_outcome_value", "Value of the purchases that converted triggers",
+            ["rule", "variant"], registry=registry,
+        )
         self.delivered = Counter(
             "nudgeflow_dispatch_delivered", "Dispatches the API accepted (2xx)",
             ["rule"], registry=registry,
@@ -190,10 +219,22 @@ class Metrics:
         """A trigger was detected and decided (one decision per trigger)."""
         rule = decision.trigger.trigger_type
         self.detected.labels(rule).inc()
+        reason = decision.reason or _NO_REASON
         if decision.dispatched:
             self.dispatched.labels(rule).inc()
         else:
-            self.suppressed.labels(rule, decision.reason or _NO_REASON).inc()
+            self.suppressed.labels(rule, reason).inc()
+        arm = arm_of(decision.trigger.metadata)
+        self.decided.labels(rule, arm, decision.decision, reason).inc()
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        """A trigger converted (`nudgeflow.operators.attribution`): once per trigger."""
+        rule, arm = outcome.trigger_type, outcome.variant
+        self.outcomes.labels(rule, arm, outcome.outcome).inc()
+        if outcome.cart_recovered:
+            self.outcomes.labels(rule, arm, "cart_recovered").inc()
+        if outcome.value:
+            self.outcome_value.labels(rule, arm).inc(outcome.value)
 
     def record_dispatch(
         self,
@@ -270,6 +311,7 @@ metrics: Final = Metrics()
 record_event_outcome: Final = metrics.record_event_outcome
 record_dead_letter: Final = metrics.record_dead_letter
 record_decision: Final = metrics.record_decision
+record_outcome: Final = metrics.record_outcome
 record_dispatch: Final = metrics.record_dispatch
 traced: Final = metrics.traced
 traced_timers: Final = metrics.traced_timers

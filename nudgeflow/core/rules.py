@@ -36,6 +36,7 @@ from pydantic import (
 from nudgeflow.core import sample_metadata as samples
 from nudgeflow.core.errors import RulesError
 from nudgeflow.core.events import EVENT_TYPES, Event
+from nudgeflow.core.outcomes import DEFAULT_ATTRIBUTION_WINDOW_MS
 from nudgeflow.core.timeutil import format_duration_ms, format_ms, parse_duration_ms
 from nudgeflow.core.triggers import Channel
 
@@ -135,12 +136,14 @@ class RuleBase(_Strict):
     frequency_capped: bool = True
     experiment: ExperimentConfig | None = None
     offer: dict[str, str] = Field(default_factory=dict)
+    # A purchase within this span after `fired_at` converts the trigger (its outcome).
+    attribution_window: PositiveDuration = DEFAULT_ATTRIBUTION_WINDOW_MS
 
     # What decides how the rule responds, not what it detects: changing these keeps
     # the rule's per-user state across a restart (`detection_fingerprint`).
     RESPONSE_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "name", "enabled", "segment", "channels", "delay", "cancel_delayed_on",
-        "frequency_capped", "experiment", "offer",
+        "frequency_capped", "experiment", "offer", "attribution_window",
     })
 
     def detection_fingerprint(self) -> str:

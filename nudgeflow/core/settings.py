@@ -26,6 +26,8 @@ class KafkaSettings(BaseModel):
     # triggers the dispatch API kept refusing, or never answered for give_up_after_s
     triggers_dlq_topic: str = "triggers.dlq"
     decisions_topic: str = "triggers.decisions"
+    # one line per converted trigger (nudgeflow.core.outcomes), keyed by user
+    outcomes_topic: str = "triggers.outcomes"
     group_id: str = "nudgeflow"
     # librdkafka waits this long before refetching an emptied queue; its 1000 ms
     # default stalls a Python consumer that drains fast.

@@ -8,6 +8,9 @@
     GET    /api/trigger/status/{trigger_id}      the same
     POST   /api/trigger/{trigger_id}/cancel      200 {"trigger_id", "status": "cancelled"}|404|409
     DELETE /api/trigger/{trigger_id}             the same
+    POST   /api/trigger/{trigger_id}/events      200 {"trigger_id", "event", "recorded": […]}
+                                                 |404|409 (the channel's webhook: opened, clicked)
+    GET    /api/trigger/{trigger_id}/events      200 {"trigger_id", "events": {EVENT: time}}|404
     GET    /openapi.json                         this contract, errors included
 
 A trigger is remembered under its `Idempotency-Key` (`nudgeflow.dispatch_api.trigger_store`:
@@ -26,6 +29,15 @@ many single requests, each keyed by its own `trigger_id` (no header): the
 answer lists each trigger's answer in order, a repeat (of an earlier request,
 or of an earlier item of the same batch) answered with its first answer. A
 batch with any invalid item is refused whole (400) and nothing of it is stored.
+
+Outcomes. How each delivery ended (`sent`, `failed`) and what the channel's
+webhook reports of a sent message (`opened`, `clicked`: a click is an open
+too) are kept with the trigger, each once, with the time it first happened. A
+webhook event for a trigger that was not sent is refused (409); a repeat
+records nothing new. With `outcomes_log` (`--outcomes-log FILE`), each one is
+also appended as a line `{"trigger_id", "trigger_type", "user_id", "outcome",
+"ts", "channel"}`, the shape of the flow's outcomes, so `nudgeflow report` reads
+it beside them.
 
 Delivery. A trigger whose `send_at` is in the future is `scheduled`; the others
 are `accepted` and due at once. A scheduler thread claims what is due, sends
@@ -100,7 +112,7 @@ from starlette.types import Message as ASGIMessage
 
 from nudgeflow.core.errors import ServiceError
 from nudgeflow.core.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature_problem
-from nudgeflow.core.timeutil import datetime_to_ms
+from nudgeflow.core.timeutil import datetime_to_ms, format_ms
 from nudgeflow.core.triggers import CHANNELS, Channel
 from nudgeflow.dispatch_api.channels import (
     ChannelAdapter,
@@ -116,6 +128,7 @@ from nudgeflow.dispatch_api.channels import (
     parse_host_port,
 )
 from nudgeflow.dispatch_api.trigger_store import (
+    Engagement,
     InMemoryTriggerStore,
     Outcome,
     RedisTriggerStore,
@@ -244,6 +257,33 @@ class TriggerStatus(BaseModel):
     status: Status
 
 
+class EngagementRequest(BaseModel):
+    """The body of `POST /api/trigger/{trigger_id}/events`: what the recipient did, and when."""
+
+    model_config = ConfigDict(
+        extra="ignore", frozen=True,
+        json_schema_extra={"examples": [{"event": "opened", "at": "2026-03-01T10:05:00Z"}]},
+    )
+
+    event: Engagement
+    at: Timestamp | None = None  # when it happened; default: when the API hears of it
+
+
+class EngagementStatus(BaseModel):
+    """The events newly recorded (a click records the open too; a repeat records nothing)."""
+
+    trigger_id: str
+    event: Engagement
+    recorded: list[Engagement]
+
+
+class TriggerEvents(BaseModel):
+    """Each outcome of a trigger (sent, failed, opened, clicked) and when it first happened."""
+
+    trigger_id: str
+    events: dict[str, AwareDatetime]
+
+
 _BATCH_MAX: Final = 1000
 
 
@@ -327,6 +367,7 @@ class Scheduler:
         adapters: Mapping[Channel, ChannelAdapter] | None = None,
         contacts: ContactDirectory | None = None,
         *,
+        outcomes_log: JsonLineLog | None = None,
         clock: Clock = _utc_now,
         interval_s: float = 0.05,
         lease_s: float = 60.0,
@@ -339,6 +380,7 @@ class Scheduler:
         }
         self._adapters.update(adapters or {})
         self._contacts = contacts if contacts is not None else NoContacts()
+        self._outcomes_log = outcomes_log
         self._clock = clock
         self._interval_s = interval_s
         self._lease_ms = int(lease_s * 1000)
@@ -420,7 +462,15 @@ class Scheduler:
             delivered = self._executor().map(lambda job: self._deliver(*job), sends)
             # None: died before an outcome, left in the queue to be claimed again after its lease.
             outcomes += [outcome for outcome in delivered if outcome is not None]
-        self._store.finish_deliveries(outcomes)
+        at_ms = datetime_to_ms(self._clock())
+        finished = set(self._store.finish_deliveries(outcomes, at_ms))
+        if self._outcomes_log is not None and finished:
+            by_id = {r.trigger_id: r for r in records if r is not None}
+            self._outcomes_log.append_many([
+                outcome_line(by_id[trigger_id], status, at_ms)
+                for trigger_id, status, _ in outcomes
+                if trigger_id in finished and status is not None and trigger_id in by_id
+            ])
 
     def _deliver(self, record: StoredTrigger, adapter: ChannelAdapter) -> Outcome | None:
         trigger_id = record.trigger_id
@@ -516,6 +566,19 @@ class JsonLineLog:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def outcome_line(record: StoredTrigger, outcome: str, at_ms: int) -> dict[str, Any]:
+    """A line of the outcomes log: the shape of the flow's outcomes (`nudgeflow report`)."""
+    payload = record.payload
+    return {
+        "trigger_id": record.trigger_id,
+        "trigger_type": payload.get("trigger_type"),
+        "user_id": payload.get("user_id"),
+        "outcome": outcome,
+        "ts": format_ms(at_ms),
+        "channel": payload.get("channel"),
+    }
 
 
 def _log_line(record: StoredTrigger) -> dict[str, Any]:
@@ -661,6 +724,7 @@ def create_app(
     contacts: ContactDirectory | None = None,
     scheduler_interval_s: float = 0.05,
     run_scheduler: bool = True,
+    outcomes_log: Path | None = None,
 ) -> FastAPI:
     """The dispatch API as an ASGI app.
 
@@ -672,6 +736,7 @@ def create_app(
     `X-Nudgeflow-Signature` (401 otherwise). `adapters`: a channel's provider
     (default: record only). `contacts`: where contact details come from.
     `run_scheduler=False` leaves delivery to `app.state.scheduler.run_once()`.
+    `outcomes_log`: append each delivery outcome and webhook event there.
 
     `fail_first` is a testing aid: the first N `POST /api/trigger` (or
     `/api/triggers`) calls answer 500 before looking at the request, so a
@@ -681,8 +746,10 @@ def create_app(
     trigger_store: TriggerStore = store if store is not None else InMemoryTriggerStore()
     json_log = JsonLineLog(log_path) if log_path is not None else None
     faults = _FaultInjector(fail_first)
+    events_log = JsonLineLog(outcomes_log) if outcomes_log is not None else None
     scheduler = Scheduler(
-        trigger_store, adapters, contacts, clock=clock, interval_s=scheduler_interval_s
+        trigger_store, adapters, contacts, clock=clock, interval_s=scheduler_interval_s,
+        outcomes_log=events_log,
     )
     intake = _Intake(trigger_store, json_log, scheduler, clock)
     secret = hmac_secret.encode() if hmac_secret is not None else None
@@ -695,8 +762,9 @@ def create_app(
             yield
         finally:
             scheduler.stop()
-            if json_log is not None:
-                json_log.close()
+            for opened in (json_log, events_log):
+                if opened is not None:
+                    opened.close()
             await trigger_store.aclose()
 
     authenticate = _authenticator(token, secret, clock)
@@ -815,6 +883,8 @@ def create_app(
     async def delete_trigger(trigger_id: str) -> TriggerStatus:
         return await cancel(trigger_id)
 
+    _install_event_routes(app, trigger_store, events_log, clock)
+
     app.fast_path = _FastPath(
         functools.partial(FastAPI.__call__, app),
         intake=intake,
@@ -825,6 +895,47 @@ def create_app(
     )
     _install_openapi(app)
     return app
+
+
+def _install_event_routes(
+    app: FastAPI, trigger_store: TriggerStore, events_log: JsonLineLog | None, clock: Clock
+) -> None:
+    """The webhook that reports opened and clicked messages, and a trigger's outcomes."""
+
+    @app.post(
+        "/api/trigger/{trigger_id}/events",
+        response_model=EngagementStatus,
+        responses=_errors(400, 401, 404, 409, 500),
+        summary="Record that a sent message was opened or clicked (the channel's webhook)",
+    )
+    async def post_event(trigger_id: str, body: EngagementRequest) -> EngagementStatus:
+        at_ms = datetime_to_ms(body.at if body.at is not None else clock())
+        record, recorded = await trigger_store.arecord_event(trigger_id, body.event, at_ms)
+        if record is None:
+            raise StarletteHTTPException(404, "unknown trigger_id")
+        if record.status != "sent":
+            raise StarletteHTTPException(
+                409, f"trigger is {record.status}; only a sent message can be {body.event}"
+            )
+        if events_log is not None and recorded:
+            events_log.append_many([outcome_line(record, name, at_ms) for name in recorded])
+        return EngagementStatus(trigger_id=record.trigger_id, event=body.event,
+                                recorded=recorded)
+
+    @app.get(
+        "/api/trigger/{trigger_id}/events",
+        response_model=TriggerEvents,
+        responses=_errors(401, 404, 500),
+        summary="What became of a trigger: sent or failed, opened, clicked, and when",
+    )
+    async def get_events(trigger_id: str) -> TriggerEvents:
+        record = await trigger_store.aget(trigger_id)
+        if record is None:
+            raise StarletteHTTPException(404, "unknown trigger_id")
+        events = await trigger_store.aevents(trigger_id)
+        return TriggerEvents(trigger_id=record.trigger_id, events={
+            name: datetime.fromtimestamp(at / 1000, tz=UTC) for name, at in sorted(events.items())
+        })
 
 
 class _DispatchAPI(FastAPI):
@@ -1086,11 +1197,15 @@ def _error(status_code: int, reason: str) -> JSONResponse:
 def _install_error_handlers(app: FastAPI) -> None:
     """Give every error the `{"error": "<reason>"}` shape of EVENTS.md §3."""
 
-    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         response = _error(exc.status_code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path; a path served by two
+            # routes (GET and POST .../events) allows the methods of both.
+            response.headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
         return response
 
     async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -1104,6 +1219,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods of every route with the template of the first route matching `path`."""
+    template: str | None = None
+    methods: set[str] = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        if template is None and regex is not None and regex.match(path):
+            template = getattr(route, "path", None)
+        if template is not None and getattr(route, "path", None) == template:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _validation_reason(exc: RequestValidationError) -> str:
@@ -1161,6 +1289,7 @@ def serve(
     push_url: str | None = None,
     token: str | None = None,
     hmac_secret: str | None = None,
+    outcomes_log: Path | None = None,
 ) -> None:
     """Run the dispatch API in the foreground until interrupted (`nudgeflow dispatch-api`).
 
@@ -1178,6 +1307,7 @@ def serve(
         push_url=push_url,
         token=token,
         hmac_secret=hmac_secret,
+        outcomes_log=outcomes_log,
     )
     # loop/http "auto": uvloop and httptools when installed (uvicorn[standard]), else asyncio
     # and h11. No access log: a log line a request would cost more than the request.
@@ -1203,6 +1333,7 @@ def build_app(
     push_url: str | None = None,
     token: str | None = None,
     hmac_secret: str | None = None,
+    outcomes_log: Path | None = None,
 ) -> FastAPI:
     """The app `serve` runs, for tests and embedding."""
     import redis
@@ -1226,6 +1357,7 @@ def build_app(
         hmac_secret=hmac_secret,
         adapters=adapters,
         contacts=contacts,
+        outcomes_log=outcomes_log,
     )
 
 

@@ -11,6 +11,11 @@ due, the request body, the first answer) and a mutable status:
     scheduled ──► accepted ──► sent | failed   (delivered when due)
     scheduled ──► cancelled
 
+What happened to a delivered message is kept beside its status, each event at
+most once with the time it first happened (`events`): `sent` or `failed` when
+the delivery ends, then `opened` and `clicked` as the channel's webhook reports
+them (`record_event`: only for a `sent` trigger; a click is an open too).
+
 Every trigger that has something to deliver sits in a *due queue* under the
 time it is due (now, for an immediate send). The scheduler `claim_due`s what is
 due: claiming moves the entry a lease into the future rather than removing it,
@@ -23,7 +28,7 @@ Redis layout (`prefix` defaults to `nudgeflow:dispatch`):
 
     <prefix>:trigger:<id>   string, JSON of the immutable part; created with SET NX (the
                             idempotency key), expires after `retention_s`
-    <prefix>:state:<id>     hash {status, error}, same expiry
+    <prefix>:state:<id>     hash {status, error, at:<event>: epoch ms}, same expiry
     <prefix>:due            sorted set of ids, score = due time in epoch ms
 
 Creation, transitions and claims are Lua scripts: each is atomic in Redis.
@@ -55,6 +60,7 @@ from nudgeflow.core.timeutil import datetime_to_ms, ms_to_datetime
 
 __all__ = [
     "DEFAULT_RETENTION_S",
+    "ENGAGEMENTS",
     "InMemoryTriggerStore",
     "Outcome",
     "RedisTriggerStore",
@@ -72,6 +78,9 @@ _ACCEPTED: Final[tuple[Status, ...]] = ("accepted",)
 
 # How a delivery ended: (trigger id, `sent` | `failed` | None for nothing to do, error).
 Outcome = tuple[str, Status | None, str | None]
+# What the channel's webhook reports of a sent message; a click implies the open.
+Engagement = Literal["opened", "clicked"]
+ENGAGEMENTS: Final[tuple[Engagement, ...]] = ("opened", "clicked")
 
 
 def dumps(value: Any) -> bytes:
@@ -165,12 +174,27 @@ class TriggerStore(Protocol):
         """
         ...
 
-    def finish_deliveries(self, outcomes: Sequence[Outcome]) -> None:
-        """Record how deliveries ended and take them out of the due queue.
+    def finish_deliveries(self, outcomes: Sequence[Outcome], at_ms: int = 0) -> list[str]:
+        """Record how deliveries ended (at `at_ms`) and take them out of the due queue.
 
         An outcome's status (`sent`, `failed`) is set only on an `accepted`
-        trigger; None just takes the trigger out of the queue.
+        trigger, and is then also its event at `at_ms`; None just takes the
+        trigger out of the queue. Returns the ids whose status was set.
         """
+        ...
+
+    async def arecord_event(
+        self, trigger_id: str, event: Engagement, at_ms: int
+    ) -> tuple[StoredTrigger | None, list[Engagement]]:
+        """A sent message was opened or clicked: keep the first time of each (a click opens).
+
+        Returns the record (None if unknown) and the events newly recorded; a
+        trigger that is not `sent` records nothing.
+        """
+        ...
+
+    async def aevents(self, trigger_id: str) -> dict[str, int]:
+        """Each event of the trigger and when it first happened (epoch ms)."""
         ...
 
     async def put_many(self, records: Sequence[StoredTrigger]) -> list[tuple[StoredTrigger, bool]]:
@@ -211,6 +235,7 @@ class InMemoryTriggerStore:
         self._lock = threading.Lock()
         self._records: dict[str, StoredTrigger] = {}
         self._due: dict[str, int] = {}
+        self._events: dict[str, dict[str, int]] = {}
 
     def put_if_absent(self, record: StoredTrigger) -> tuple[StoredTrigger, bool]:
         with self._lock:
@@ -233,6 +258,7 @@ class InMemoryTriggerStore:
         with self._lock:
             self._records.pop(trigger_id, None)
             self._due.pop(trigger_id, None)
+            self._events.pop(trigger_id, None)
 
     def transition(
         self,
@@ -275,7 +301,8 @@ class InMemoryTriggerStore:
                 out.append(record)
         return out
 
-    def finish_deliveries(self, outcomes: Sequence[Outcome]) -> None:
+    def finish_deliveries(self, outcomes: Sequence[Outcome], at_ms: int = 0) -> list[str]:
+        finished: list[str] = []
         with self._lock:
             for trigger_id, status, error in outcomes:
                 record = self._records.get(trigger_id)
@@ -283,7 +310,29 @@ class InMemoryTriggerStore:
                     self._records[trigger_id] = replace(
                         record, status=status, error=error if error is not None else record.error
                     )
+                    self._events.setdefault(trigger_id, {}).setdefault(status, at_ms)
+                    finished.append(trigger_id)
                 self._due.pop(trigger_id, None)
+        return finished
+
+    async def arecord_event(
+        self, trigger_id: str, event: Engagement, at_ms: int
+    ) -> tuple[StoredTrigger | None, list[Engagement]]:
+        with self._lock:
+            record = self._records.get(trigger_id)
+            if record is None or record.status != "sent":
+                return record, []
+            events = self._events.setdefault(trigger_id, {})
+            new: list[Engagement] = []
+            for name in _implied(event):
+                if name not in events:
+                    events[name] = at_ms
+                    new.append(name)
+            return record, new
+
+    async def aevents(self, trigger_id: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._events.get(trigger_id, {}))
 
     # The async methods: a dict behind a lock held for microseconds never blocks the loop.
 
@@ -315,6 +364,11 @@ class InMemoryTriggerStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._records)
+
+
+def _implied(event: Engagement) -> tuple[Engagement, ...]:
+    """The events a reported one stands for, in order: a click is also an open."""
+    return ("opened", "clicked") if event == "clicked" else (event,)
 
 
 _PUT: Final = """
@@ -382,19 +436,36 @@ end
 return out
 """
 
-# Deliveries ended. KEYS: the due queue, then each trigger's state key; ARGV: each trigger's
-# queue member, new status (or '': none) and error (or ''). The status is set on an accepted
-# trigger only; every one leaves the queue.
+# Deliveries ended. KEYS: the due queue, then each trigger's state key; ARGV: the time
+# (epoch ms), then each trigger's queue member, new status (or '': none) and error (or '').
+# The status is set on an accepted trigger only, with its event's time; every one leaves the
+# queue. Returns the 1-based positions whose status was set.
 _FINISH_MANY: Final = """
+local set = {}
 for i = 1, #KEYS - 1 do
-  local state_key, a = KEYS[i + 1], 3 * i - 2
+  local state_key, a = KEYS[i + 1], 3 * i - 1
   if ARGV[a + 1] ~= '' and redis.call('HGET', state_key, 'status') == 'accepted' then
     redis.call('HSET', state_key, 'status', ARGV[a + 1])
+    redis.call('HSETNX', state_key, 'at:' .. ARGV[a + 1], ARGV[1])
     if ARGV[a + 2] ~= '' then redis.call('HSET', state_key, 'error', ARGV[a + 2]) end
+    set[#set + 1] = i
   end
   redis.call('ZREM', KEYS[1], ARGV[a])
 end
-return #KEYS - 1
+return set
+"""
+
+# A sent message was opened or clicked. KEYS: the state key; ARGV: the time, then the
+# events to record. Returns the status (false: unknown), then the events newly recorded.
+_RECORD_EVENT: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {false} end
+local out = {status}
+if status ~= 'sent' then return out end
+for i = 2, #ARGV do
+  if redis.call('HSETNX', KEYS[1], 'at:' .. ARGV[i], ARGV[1]) == 1 then out[#out + 1] = ARGV[i] end
+end
+return out
 """
 
 _CLAIM: Final = """
@@ -439,6 +510,7 @@ class _AsyncScripts:
         self.loop = loop
         self.put_many = client.register_script(_PUT_MANY)
         self.transition = client.register_script(_TRANSITION)
+        self.record_event = client.register_script(_RECORD_EVENT)
 
 
 class RedisTriggerStore:
@@ -569,15 +641,16 @@ class RedisTriggerStore:
         reply = cast(list[Any], self._start_many(keys=keys))
         return [self._record(*reply[3 * i : 3 * i + 3]) for i in range(len(trigger_ids))]
 
-    def finish_deliveries(self, outcomes: Sequence[Outcome]) -> None:
+    def finish_deliveries(self, outcomes: Sequence[Outcome], at_ms: int = 0) -> list[str]:
         if not outcomes:
-            return
+            return []
         keys: list[bytes] = [self._due_key]
-        args: list[bytes | str] = []
+        args: list[bytes | str | int] = [at_ms]
         for trigger_id, status, error in outcomes:
             keys.append(self._key(b"state", trigger_id))
             args += [self._member(trigger_id), status or "", error or ""]
-        self._finish_many(keys=keys, args=args)
+        positions = cast(list[int], self._finish_many(keys=keys, args=args))
+        return [outcomes[int(p) - 1][0] for p in positions]
 
     # --- on the event loop ---
 
@@ -659,6 +732,29 @@ class RedisTriggerStore:
             pipe.delete(*keys)
             pipe.zrem(self._due_key, *(self._member(t) for t in trigger_ids))
             await pipe.execute()
+
+    async def arecord_event(
+        self, trigger_id: str, event: Engagement, at_ms: int
+    ) -> tuple[StoredTrigger | None, list[Engagement]]:
+        scripts = self._on_loop()
+        state_key = self._key(b"state", trigger_id)
+        async with scripts.client.pipeline(transaction=False) as pipe:
+            await scripts.record_event(keys=[state_key], args=[at_ms, *_implied(event)],
+                                       client=pipe)
+            pipe.get(self._key(b"trigger", trigger_id))
+            pipe.hmget(state_key, ["status", "error"])
+            reply, raw, (status, error) = await pipe.execute()
+        record = self._record(raw, status, error)
+        recorded = [cast(Engagement, _text(name)) for name in cast(list[Any], reply)[1:]]
+        return record, recorded if record is not None else []
+
+    async def aevents(self, trigger_id: str) -> dict[str, int]:
+        fields = cast(dict[bytes, bytes],
+                      await self._on_loop().client.hgetall(self._key(b"state", trigger_id)))
+        return {
+            name[3:]: int(at) for raw, at in fields.items()
+            if (name := _text(raw)) is not None and name.startswith("at:")
+        }
 
     async def aclose(self) -> None:
         scripts, self._async = self._async, None

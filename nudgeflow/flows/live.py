@@ -4,6 +4,7 @@
                               └─ valid ─► profiles (Redis, batched) ─► key by user ─► detect
     detect ─┬─ decisions ─┬─► dispatch API (httpx, retries) ─ failures ─► Kafka `triggers.dlq`
             │             └─► Kafka `triggers.decisions` (every decision, with its reason)
+            ├─ outcomes ──────► Kafka `triggers.outcomes` (each converted trigger, once)
             └─ late ───────────────────────────────────────────────────────► Kafka `events.dlq`
 
 The flow is a factory: tests and tools pass their own source, sinks, profile
@@ -41,6 +42,7 @@ from nudgeflow.core.envelope import DeadLetter, Envelope, Origin, open_envelope
 from nudgeflow.core.errors import ConfigError, ServiceError
 from nudgeflow.core.metrics import metrics
 from nudgeflow.core.observability import Health, configure_logging, serve_health
+from nudgeflow.core.outcomes import Outcome
 from nudgeflow.core.rules import RulesConfig, load_rules
 from nudgeflow.core.settings import Settings
 from nudgeflow.core.stream_clock import PartitionClocks
@@ -48,7 +50,14 @@ from nudgeflow.core.timeutil import now_ms
 from nudgeflow.core.triggers import Decision
 from nudgeflow.enrich.messages import MessageRenderer
 from nudgeflow.enrich.profile_store import ProfileLookup, RedisProfiles, StaticProfiles
-from nudgeflow.operators.detect import DETECT_STEP, Emitted, LiveClock, detect, shard_key
+from nudgeflow.operators.detect import (
+    DETECT_STEP,
+    Emitted,
+    EmittedOutcome,
+    LiveClock,
+    detect,
+    shard_key,
+)
 from nudgeflow.operators.detector import Detector
 from nudgeflow.operators.shard_snapshot import check_layout, first_user
 from nudgeflow.operators.snapshot import check_recovery
@@ -73,6 +82,7 @@ class LiveParts:
     dispatch: Sink[tuple[str, Decision]] | None = None
     dead_letters: Sink[Any] | None = None  # default: the dead-letter topic
     decisions: Sink[Any] | None = None  # default: the decisions topic
+    outcomes: Sink[Any] | None = None  # default: the outcomes topic; gets (user_id, Outcome)
     profiles: ProfileLookup | None = None  # default: Redis (or none, with redis url 'none')
     clock: Callable[[], int] = now_ms
 
@@ -146,6 +156,18 @@ def decision_message(item: tuple[str, Emitted]) -> KafkaSinkMessage[bytes, bytes
     )
 
 
+def counted_outcome(item: tuple[str, EmittedOutcome]) -> tuple[str, Outcome]:
+    """Count an outcome in the metrics on its way out."""
+    outcome = item[1].outcome
+    metrics.record_outcome(outcome)
+    return item[0], outcome
+
+
+def outcome_message(item: tuple[str, Outcome]) -> KafkaSinkMessage[bytes, bytes]:
+    outcome = item[1]
+    return KafkaSinkMessage(key=outcome.user_id.encode(), value=orjson.dumps(outcome.to_json()))
+
+
 def build_live_flow(
     settings: Settings,
     *,
@@ -211,6 +233,12 @@ def build_live_flow(
         kop.output("decisions_out", op.map("decision_message", detected.decisions,
                                            decision_message),
                    brokers=brokers, topic=kafka.decisions_topic)
+    outcomes = op.map("outcome_counted", detected.outcomes, counted_outcome)
+    if parts.outcomes is not None:
+        op.output("outcomes_out", outcomes, parts.outcomes)
+    else:
+        kop.output("outcomes_out", op.map("outcome_message", outcomes, outcome_message),
+                   brokers=brokers, topic=kafka.outcomes_topic)
     if parts.dispatch is not None:
         dispatch: Sink[tuple[str, Decision]] = parts.dispatch
     else:

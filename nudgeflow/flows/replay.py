@@ -2,6 +2,7 @@
 
     lines ─► decode ─┬─ invalid ──────────────────────────────► dead-letter file
                      └─ valid ─► key by user ─► profile ─► detect ─┬─ decisions ─► --out
+                                                                   ├─ outcomes ──► --outcomes
                                                                    ├─ late ──────► dead letters
                                                                    └─ tallies ───► counts
 
@@ -9,7 +10,7 @@ Replay mode has no wall clock: the stream clock is the largest `ts` of the
 valid lines read so far (stamped on each event where the lines are read, so
 it is the same for any number of workers), and after the last line every
 timer due by the input's largest `ts` is decided (`end_bound`).
-Both output files are written sorted, so the result is the same for any
+Every output file is written sorted, so the result is the same for any
 number of workers or processes. The flow is a factory, so
 
 
@@ -40,7 +41,14 @@ from nudgeflow.core.recording import iter_input_lines
 from nudgeflow.core.rules import RulesConfig, load_rules
 from nudgeflow.core.settings import DEFAULT_RULES
 from nudgeflow.core.triggers import Decision
-from nudgeflow.operators.detect import DEFAULT_SHARDS, Emitted, Tally, detect, shard_key
+from nudgeflow.operators.detect import (
+    DEFAULT_SHARDS,
+    Emitted,
+    EmittedOutcome,
+    Tally,
+    detect,
+    shard_key,
+)
 from nudgeflow.operators.detector import Detector
 from nudgeflow.sinks.files import SortedJsonlSink, TallySink
 from nudgeflow.sources.stamped import StampedSource
@@ -130,6 +138,11 @@ def _decision_row(item: tuple[str, Emitted]) -> tuple[Any, bytes]:
     return emitted.order, orjson.dumps(emitted.decision.to_json())
 
 
+def _outcome_row(item: tuple[str, EmittedOutcome]) -> tuple[Any, bytes]:
+    emitted = item[1]
+    return emitted.order, orjson.dumps(emitted.outcome.to_json())
+
+
 def _dead_letter_row(item: tuple[str, DeadLetter]) -> tuple[Any, bytes]:
     letter = item[1]
     return (letter.origin.line or 0,), letter.to_json_bytes()
@@ -150,8 +163,12 @@ def build_replay_flow(
     rules: str | Path | RulesConfig | None = None,
     dispatch: Sink[tuple[str, Decision]] | None = None,
     record_metrics: bool = False,
+    outcomes: str | Path | None = None,
 ) -> Dataflow:
     """The replay dataflow for one input file. Every argument may be a path string.
+
+    With `outcomes`, each converted trigger's outcome is written there (one line
+    per outcome, sorted like the triggers); without it they are not kept.
 
     With `dispatch`, dispatched decisions are also sent to it (the demo sends
     them to a dispatch API on loopback); replay itself needs no network. With
@@ -170,8 +187,10 @@ def build_replay_flow(
     # both files empty, and an input without triggers or bad lines still leaves them.
     # (Every process of a cluster builds the flow before any data moves, so this
     # cannot truncate a file another process already wrote.)
-    for path in (out_path, dlq_path):
-        path.write_bytes(b"")
+    outcomes_path = Path(outcomes) if outcomes is not None else None
+    for path in (out_path, dlq_path, outcomes_path):
+        if path is not None:
+            path.write_bytes(b"")
 
     flow = Dataflow("nudgeflow_replay")
     # Opened and stamped with the stream clock where the lines are read, in line order.
@@ -199,6 +218,9 @@ def build_replay_flow(
               SortedJsonlSink(dlq_path, _dead_letter_row))
     op.output("triggers_file", op.key_on("out_all", detected.decisions, lambda _: "all"),
               SortedJsonlSink(out_path, _decision_row))
+    if outcomes_path is not None:
+        op.output("outcomes_file", op.key_on("outcomes_all", detected.outcomes, lambda _: "all"),
+                  SortedJsonlSink(outcomes_path, _outcome_row))
     if dispatch is not None:
         decisions = op.map_value("decision", detected.decisions, lambda e: e.decision)
         op.output("dispatch", decisions, dispatch)

@@ -1,6 +1,7 @@
 """The bytewax operator around `Detector`: keyed envelopes in, decisions and dead letters out.
 
     (shard, Envelope) ──detect──► DetectOut.decisions  (user_id, Emitted)
+                                  DetectOut.outcomes   (user_id, EmittedOutcome)
                                   DetectOut.late       (shard, DeadLetter)   reason "late"
                                   DetectOut.tallies    (shard, Tally)        replay, at EOF
 
@@ -37,6 +38,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from nudgeflow.core.envelope import DeadLetter, Envelope
 from nudgeflow.core.metrics import Cause, metrics
+from nudgeflow.core.outcomes import Outcome
 from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
@@ -76,6 +78,14 @@ class Emitted:
 
 
 @dataclass(frozen=True, slots=True)
+class EmittedOutcome:
+    """An outcome and its place in the output, ordered like `Emitted`."""
+
+    outcome: Outcome
+    order: tuple[int, int, str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Tally:
     """How a shard's events ended (replay summary): applied, duplicate, late."""
 
@@ -84,12 +94,13 @@ class Tally:
     late: int
 
 
-Output = Emitted | DeadLetter | Tally
+Output = Emitted | EmittedOutcome | DeadLetter | Tally
 
 
 @dataclass(frozen=True)
 class DetectOut:
     decisions: KeyedStream[Emitted]
+    outcomes: KeyedStream[EmittedOutcome]
     late: KeyedStream[DeadLetter]
     tallies: KeyedStream[Tally]
 
@@ -186,9 +197,13 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             else:
                 counts[2] += 1
                 out.append(DeadLetter(envelope.raw, envelope.origin, "late", envelope.key))
+            cause = envelope.origin.line if envelope.origin.line is not None else 0
             if decisions:
-                cause = envelope.origin.line if envelope.origin.line is not None else 0
                 out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
+            attribution = slot.state.attribution
+            if attribution.outbox:
+                out.extend(EmittedOutcome(o, (cause, i, "", 0))
+                           for i, o in enumerate(attribution.drain()))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
         if self.record_metrics:  # the admission outcomes, counted once per batch
             for outcome, count in zip(Admit, counts, strict=True):
@@ -215,8 +230,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 due.append(slot)
         out: list[Output] = []
         for slot in due:
-            decisions = self._advance(slot, now)
-            out.extend(Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions))
+            out.extend(self._advance(slot, now))
         self._settle(due, now)
         out.extend(self._run_due(now))
         return out, not self.users
@@ -233,6 +247,10 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 out.extend(
                     Emitted(d, (AT_END, d.trigger.fired_at_ms, uid, i))
                     for i, d in enumerate(decisions)
+                )
+                out.extend(
+                    EmittedOutcome(o, (AT_END, o.ts_ms, uid, i))
+                    for i, o in enumerate(slot.state.attribution.drain())
                 )
         if self.clock is None and any(self.counts):
             out.append(Tally(*self.counts))
@@ -341,8 +359,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 if slot is None or slot.due != due or slot.source != source:
                     continue
                 slot.due = None
-                decisions = self._advance(slot, now)
-                out.extend(Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions))
+                out.extend(self._advance(slot, now))
                 ran.append(slot)
         if ran:
             self._settle(ran, now)
@@ -362,7 +379,8 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         shared = reading.at(now)
         return shared if own is None else max(own, shared)
 
-    def _advance(self, slot: UserSlot, now: int) -> list[Decision]:
+    def _advance(self, slot: UserSlot, now: int) -> list[Output]:
+        """The quiet user's timers the stream clock made due: decisions, then outcomes."""
         user = slot.state
         if user.admission.max_ts is None:
             return []
@@ -372,11 +390,15 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         slot.blob = None
         max_ts = user.admission.max_ts
         delayed = set(user.pending_sends)
-        return metrics.traced_timers(
+        decisions = metrics.traced_timers(
             self.detector.advance(user, stream, now, forget=True),
             lateness_ms=self.detector.lateness, last_arrival_ms=slot.last_arrival or now,
             max_ts_ms=max_ts, delayed=delayed,
         )
+        out: list[Output] = [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)]
+        out.extend(EmittedOutcome(o, (0, i, "", 0))
+                   for i, o in enumerate(user.attribution.drain()))
+        return out
 
     def _wake_at(self, slot: UserSlot, now: int) -> int | None:
         """Wall ms at which the user's next timer is due, or they may be forgotten."""
@@ -435,7 +457,14 @@ def detect(
     )
     rest: Stream[Any] = branch_late.falses
     branch_tally = op.branch(f"{step_id}_tally", rest, lambda kv: isinstance(kv[1], Tally))
-    # Downstream, a decision is keyed by its user (the dispatch sink's partitions).
-    decisions = op.map(f"{step_id}_by_user", branch_tally.falses,
+    # Downstream, decisions and outcomes are keyed by their user (the sinks' partitions).
+    emitted: Stream[Any] = branch_tally.falses
+    branch_outcomes = op.branch(
+        f"{step_id}_outcomes", emitted, lambda kv: isinstance(kv[1], EmittedOutcome)
+    )
+    decisions = op.map(f"{step_id}_by_user", branch_outcomes.falses,
                        lambda kv: (kv[1].decision.trigger.user_id, kv[1]))
-    return DetectOut(decisions=decisions, late=branch_late.trues, tallies=branch_tally.trues)
+    outcomes = op.map(f"{step_id}_outcomes_by_user", branch_outcomes.trues,
+                      lambda kv: (kv[1].outcome.user_id, kv[1]))
+    return DetectOut(decisions=decisions, outcomes=outcomes, late=branch_late.trues,
+                     tallies=branch_tally.trues)

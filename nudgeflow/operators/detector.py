@@ -32,6 +32,7 @@ from nudgeflow.core.rules import RulesConfig
 from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
 from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
+from nudgeflow.operators.attribution import Attribution
 from nudgeflow.operators.cart import Cart
 from nudgeflow.operators.event_time import Admission, Admit, TimerQueue
 from nudgeflow.operators.internal import DelayedSendsLogic, SessionsLogic
@@ -71,6 +72,8 @@ class UserState:
     # events per hour and per day (tumbling, event time): features for an intent model
     hourly: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_HOUR))
     daily: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_DAY))
+    # triggers waiting for a purchase in their attribution window, and their outcomes
+    attribution: Attribution = field(default_factory=Attribution)
 
 
 class Step:
@@ -184,7 +187,7 @@ class Detector:
         # How far behind the watermark any state can still matter: past it, a user is forgotten.
         horizons = [self.dedup_retention, 7 * 86_400_000]
         for rule in config.enabled_rules:
-            for name in ("cooldown", "window", "within"):
+            for name in ("cooldown", "window", "within", "attribution_window"):
                 horizons.append(int(getattr(rule, name, 0) or 0))
         self.horizon = max(horizons) + self.lateness
 
@@ -322,6 +325,7 @@ class Detector:
             and user.sessions.open_sessions == 0
             and user.admission.remembered == 0
             and user.policy.empty
+            and user.attribution.empty
             and all(logic.state_empty(user.rule_states.get(logic.name)) for logic in self.logics)
         )
 
@@ -350,6 +354,7 @@ class Detector:
         user.pruned_at = watermark
         user.admission.prune(watermark)
         user.policy.prune(watermark)
+        user.attribution.prune(watermark)
         for logic in self.logics:
             state = user.rule_states.get(logic.name)
             if state is not None:
@@ -375,6 +380,9 @@ class Detector:
         elif kind == "remove_from_cart":
             cart.remove(event.product_id or "", event.qty)
         elif kind == "purchase":
+            user.attribution.on_purchase(
+                event.ts, event.value, tuple(item[0] for item in cart.to_data())
+            )
             cart.clear()
         session = self.sessions.place(step, event) if self._uses_sessions else None
         if user.pending_sends:
@@ -422,6 +430,9 @@ class Detector:
             held = " after its delay" if plan.delayed else ""
             if step.trace is not None:
                 step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
+        # Watched from now, a delayed send too: its window starts at fired_at, as its
+        # holdout's does, whether it is later sent or cancelled.
+        user.attribution.watch(plan.decision, rule.attribution_window)
         if plan.delayed and plan.decision.send_at_ms is not None:
             self.sends.hold(step, plan.decision, logic)
         else:

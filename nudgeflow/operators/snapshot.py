@@ -39,6 +39,7 @@ from nudgeflow.core.errors import ConfigError
 from nudgeflow.core.policies import PolicyState
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.triggers import Decision
+from nudgeflow.operators.attribution import Attribution
 from nudgeflow.operators.cart import Cart
 from nudgeflow.operators.detector import Detector, UserState
 from nudgeflow.operators.event_time import Admission, TimerQueue
@@ -77,6 +78,7 @@ def dump_user(detector: Detector, user: UserState) -> dict[str, Any]:
         "stream_at": user.stream_at,
         "hourly": dataclasses.astuple(user.hourly),
         "daily": dataclasses.astuple(user.daily),
+        "attribution": user.attribution.to_data(),
     }
 
 
@@ -113,6 +115,8 @@ def load_user(detector: Detector, data: dict[str, Any]) -> UserState:
         stream_at=data["stream_at"],
         hourly=TumblingCounter(*data["hourly"]),
         daily=TumblingCounter(*data["daily"]),
+        # absent from the format-2 snapshots written before attribution existed
+        attribution=Attribution.from_data(data.get("attribution")),
     )
 
 

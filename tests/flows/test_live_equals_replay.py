@@ -5,6 +5,8 @@ an injected wall clock that moves as the recording's clock did: each message
 is read at the largest `ts` read so far. Its decisions must then be replay's,
 decision for decision, except replay's end-of-input decisions, which live mode
 makes only as its wall clock runs on past the recording (not in this test).
+Its outcomes must be replay's, outcome for outcome: no purchase lies past the
+recording's end, so the triggers live mode decides after it convert none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from nudgeflow.app.replay import run_replay
 from nudgeflow.app.samples import SampleSpec, generate_lines, generate_profiles
 from nudgeflow.core.events import Event, decode_event
+from nudgeflow.core.outcomes import Outcome
 from nudgeflow.core.profiles import load_profiles
 from nudgeflow.core.rules import load_rules
 from nudgeflow.core.settings import DEFAULT_RULES, Settings
@@ -77,17 +80,20 @@ def test_live_on_the_recordings_clock_decides_what_replay_decides(
     profiles_file.write_bytes(b"\n".join(orjson.dumps(p) for p in generate_profiles(spec)))
 
     out = tmp_path / "replay.jsonl"
-    run_replay(events, out, profiles=profiles_file)
+    outcomes_file = tmp_path / "outcomes.jsonl"
+    run_replay(events, out, profiles=profiles_file, outcomes=outcomes_file)
     replayed = {_key(orjson.loads(line)) for line in out.read_bytes().splitlines()}
     end = max(e.ts for raw in lines if isinstance(e := decode_event(raw), Event))
 
     clock = RecordingClock()
     decisions: list[tuple[str, Emitted]] = []
+    outcomes: list[tuple[str, Outcome]] = []
     parts = LiveParts(
         source=TestingSource(clock.messages(lines, run_on_ms=3 * DAY), batch_size=1),
         dispatch=TestingSink([]),
         dead_letters=TestingSink([]),
         decisions=TestingSink(decisions),
+        outcomes=TestingSink(outcomes),
         profiles=StaticProfiles(load_profiles(profiles_file)),
         clock=clock,
     )
@@ -99,4 +105,7 @@ def test_live_on_the_recordings_clock_decides_what_replay_decides(
     }
     assert len(replayed) > 30
     assert live == replayed
+    replayed_outcomes = sorted(outcomes_file.read_bytes().splitlines())
+    assert replayed_outcomes  # the sample converts some triggers
+    assert sorted(orjson.dumps(o.to_json()) for _, o in outcomes) == replayed_outcomes
 

@@ -353,6 +353,7 @@ def test_demo_dispatches_the_sample_shop_triggers(installed: Installed, tmp_path
     received = [row["trigger_id"] for row in _jsonl(out / "dispatch-api.jsonl")]
     assert sorted(received) == sorted(dispatched)
     assert f"accepted {len(dispatched)} of {len(dispatched)} dispatched triggers" in result.stdout
+    assert "lift against the holdout" in result.stdout  # the report of what they achieved
     assert (out / "events.jsonl").stat().st_size > 0
     assert (out / "profiles.jsonl").stat().st_size > 0
     assert not any(cwd.iterdir()), "demo wrote into the working directory"

@@ -201,6 +201,8 @@ def test_a_snapshot_of_the_previous_format_still_loads() -> None:
     resumed = _resume(blob, BEFORE)
     resumed.send(6, "page_view", 20 * MIN, page_type="home")
     assert ("cart_abandonment", 15, "dispatched") in resumed.fired
+    # written before attribution existed: the abandonment it fires now is watched from now
+    assert len(resumed.user.attribution.watching) == 1
 
 
 def test_a_snapshot_of_another_format_is_refused_with_one_line() -> None:

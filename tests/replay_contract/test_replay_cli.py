@@ -139,16 +139,17 @@ def test_unusable_input_is_one_line_and_exit_2(
 def test_output_is_identical_with_1_and_2_workers_and_2_processes(tmp_path: Path) -> None:
     from nudgeflow.app.samples import SampleSpec, write_sample
 
-    events, profiles = write_sample(tmp_path, SampleSpec(users=150, hours=3.0, seed=11))
+    events, profiles = write_sample(tmp_path, SampleSpec(users=400, hours=3.0, seed=11))
     outs = {}
     for name, extra in (("w1", ["--workers", "1"]), ("w2", ["--workers", "2"])):
         out = tmp_path / f"{name}.jsonl"
-        argv = ["replay", str(events), "--profiles", str(profiles), "--out", str(out), "--quiet"]
+        argv = ["replay", str(events), "--profiles", str(profiles), "--out", str(out), "--quiet",
+                "--outcomes", str(tmp_path / f"{name}.outcomes.jsonl")]
         assert main(argv + extra) == 0
         outs[name] = out
     out = tmp_path / "p2.jsonl"
     flow = (f"nudgeflow.flows.replay:build_replay_flow({str(events)!r}, {str(out)!r}, "
-            f"profiles={str(profiles)!r})")
+            f"profiles={str(profiles)!r}, outcomes={str(tmp_path / 'p2.outcomes.jsonl')!r})")
     subprocess.run([sys.executable, "-m", "bytewax.testing", flow, "-p", "2"],
                    check=True, capture_output=True, timeout=300)
     outs["p2"] = out
@@ -158,6 +159,9 @@ def test_output_is_identical_with_1_and_2_workers_and_2_processes(tmp_path: Path
         assert outs[name].read_bytes() == baseline, name
     dlq = {n: (tmp_path / f"{n}.dlq.jsonl").read_bytes() for n in outs}
     assert dlq["w2"] == dlq["w1"] == dlq["p2"]
+    outcomes = {n: (tmp_path / f"{n}.outcomes.jsonl").read_bytes() for n in outs}
+    assert outcomes["w1"].count(b"\n") >= 3
+    assert outcomes["w2"] == outcomes["w1"] == outcomes["p2"]
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
