@@ -27,7 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nudgeflow.app.argtypes import EXIT_USAGE, OneLineParser, positive_float, positive_int
+from nudgeflow.app.argtypes import (
+    EXIT_USAGE,
+    OneLineParser,
+    port_number,
+    positive_float,
+    positive_int,
+)
 from nudgeflow.core.errors import NudgeflowError, UsageError
 
 
@@ -102,18 +108,6 @@ def _parser() -> OneLineParser:
     return parser
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        msg = f"expected a port number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not 0 <= value <= 65535:
-        msg = f"must be within 0..65535, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def _add_demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="the embedded default: a sample shop, no services")
     demo.add_argument("--users", type=positive_int, default=3000)
@@ -123,14 +117,14 @@ def _add_demo_command(commands: Any) -> None:
     demo.add_argument("--serve", action="store_true",
                       help="then keep the dashboard (/dashboard) up until Ctrl-C")
     demo.add_argument("--host", default="127.0.0.1", help="the dashboard's address (--serve)")
-    demo.add_argument("--port", type=_port, default=9100,
+    demo.add_argument("--port", type=port_number, default=9100,
                       help="the dashboard's port (--serve; 0 picks a free one)")
 
 
 def _add_collect_command(commands: Any) -> None:
     collect = commands.add_parser("collect", help="the HTTP collector trackers send events to")
     collect.add_argument("--host", help="[NUDGEFLOW_COLLECT__HOST] (default 127.0.0.1)")
-    collect.add_argument("--port", type=_port, help="[NUDGEFLOW_COLLECT__PORT] (default 8088)")
+    collect.add_argument("--port", type=port_number, help="[NUDGEFLOW_COLLECT__PORT] (default 8088)")
     collect.add_argument("--brokers", help="Kafka bootstrap servers [NUDGEFLOW_KAFKA__BOOTSTRAP]")
     collect.add_argument("--topic", help="input topic [NUDGEFLOW_KAFKA__INPUT_TOPIC]")
     collect.add_argument("--dead-letter-topic", help="[NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC]")
@@ -144,7 +138,7 @@ def _add_collect_command(commands: Any) -> None:
 def _add_api_command(commands: Any) -> None:
     api = commands.add_parser("dispatch-api", help="the reference dispatch API")
     api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=_port, default=8080)
+    api.add_argument("--port", type=port_number, default=8080)
     api.add_argument("--log", type=Path, help="append each accepted trigger as a JSON line")
     api.add_argument("--outcomes-log", type=Path,
                      help="append each delivery outcome and webhook event (opened, clicked)")

@@ -37,3 +37,16 @@ def positive_float(text: str) -> float:
         msg = f"must be above 0, got {value:g}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 included (the system picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected a port number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 <= value <= 65535:
+        msg = f"must be within 0..65535, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
