@@ -124,7 +124,8 @@ def _add_demo_command(commands: Any) -> None:
 def _add_collect_command(commands: Any) -> None:
     collect = commands.add_parser("collect", help="the HTTP collector trackers send events to")
     collect.add_argument("--host", help="[NUDGEFLOW_COLLECT__HOST] (default 127.0.0.1)")
-    collect.add_argument("--port", type=port_number, help="[NUDGEFLOW_COLLECT__PORT] (default 8088)")
+    collect.add_argument("--port", type=port_number,
+                         help="[NUDGEFLOW_COLLECT__PORT] (default 8088)")
     collect.add_argument("--brokers", help="Kafka bootstrap servers [NUDGEFLOW_KAFKA__BOOTSTRAP]")
     collect.add_argument("--topic", help="input topic [NUDGEFLOW_KAFKA__INPUT_TOPIC]")
     collect.add_argument("--dead-letter-topic", help="[NUDGEFLOW_KAFKA__DEAD_LETTER_TOPIC]")
