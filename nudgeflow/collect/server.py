@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
-import threading
-import time
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 import uvicorn
 
@@ -23,10 +19,10 @@ from nudgeflow.collect.identify import ProfileUpdate
 from nudgeflow.collect.producer import EventWriter, producer_config
 from nudgeflow.core.errors import ConfigError, ServiceError
 from nudgeflow.core.settings import CollectSettings, Settings
+from nudgeflow.serving import LOOPBACK, AsgiThread
 
 __all__ = ["CollectorThread", "RedisProfiles", "build_collector", "serve"]
 
-_LOOPBACK: Final = "127.0.0.1"
 log = logging.getLogger(__name__)
 
 
@@ -140,59 +136,8 @@ def _taken(_signum: int, _frame: object) -> None:
     """A SIGTERM uvicorn has already acted on."""
 
 
-class CollectorThread:
-    """An ASGI app served by uvicorn in a background thread on loopback; a context manager.
+class CollectorThread(AsgiThread):
+    """The collector's app served on a background thread; a context manager."""
 
-    Port 0 picks a free port, bound before the thread starts, so `url` is known at once.
-    """
-
-    def __init__(self, app: Any, *, host: str = _LOOPBACK, port: int = 0) -> None:
-        self._app = app
-        self._host = host
-        self._port = port
-        self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
-
-    def start(self) -> None:
-        # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on accepted sockets (no Nagle wait).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
-        self._socket = sock
-        config = uvicorn.Config(self._app, log_level="warning", access_log=False, ws="none",
-                                loop="auto", http="auto", lifespan="on",
-                                timeout_graceful_shutdown=2)
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                        name="collector", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10.0
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                msg = f"collector did not start on {self._host}:{self._port}"
-                raise ServiceError(msg)
-            time.sleep(0.005)  # startup poll, not a test wait
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10.0)
-            self._thread = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
-    def __enter__(self) -> CollectorThread:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def __init__(self, app: Any, *, host: str = LOOPBACK, port: int = 0) -> None:
+        super().__init__(app, name="collector", host=host, port=port, graceful_shutdown_s=2)

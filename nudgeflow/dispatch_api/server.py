@@ -80,15 +80,12 @@ import asyncio
 import functools
 import json
 import logging
-import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Annotated, Any, Final, cast
 
 import orjson
@@ -137,6 +134,7 @@ from nudgeflow.dispatch_api.trigger_store import (
     TriggerStore,
     dumps,
 )
+from nudgeflow.serving import LOOPBACK, AsgiThread
 
 __all__ = [
     "InMemoryTriggerStore",
@@ -158,7 +156,6 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 
-_LOOPBACK: Final = "127.0.0.1"
 _TRIGGER_PATH: Final = "/api/trigger"
 _BATCH_PATH: Final = "/api/triggers"
 _FAST_PATHS: Final = frozenset({_TRIGGER_PATH, _BATCH_PATH})
@@ -1361,90 +1358,11 @@ def build_app(
     )
 
 
-class ServerThread:
-    """Runs an app with uvicorn in a background thread on loopback; a context manager.
+class ServerThread(AsgiThread):
+    """The reference API (an app of `create_app`) on a background thread; a context manager."""
 
-    Port 0 picks a free port: the socket is bound here, before the thread starts,
-    so `url` is known at once and no other process can take the port meanwhile.
-    On exit the server shuts down and the thread is joined.
-    """
-
-    def __init__(
-        self,
-        app: FastAPI,
-        *,
-        host: str = _LOOPBACK,
-        port: int = 0,
-        startup_timeout_s: float = 10.0,
-    ) -> None:
-        self._app = app
-        self._host = host
-        self._port = port
-        self._startup_timeout_s = startup_timeout_s
-        self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._url: str | None = None
-
-    @property
-    def url(self) -> str:
-        """`http://127.0.0.1:PORT`, once started."""
-        if self._url is None:
-            msg = "ServerThread is not started"
-            raise RuntimeError(msg)
-        return self._url
-
-    def start(self) -> None:
-        # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets
-        # only then, and without it every response waits ~40 ms on Nagle + delayed ACK.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
-        self._socket = sock
-        config = uvicorn.Config(
-            self._app,
-            log_level="warning",
-            # Fixed protocols: no optional websockets import, no surprise warnings.
-            http="h11",
-            ws="none",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="dispatch-api", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + self._startup_timeout_s
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                msg = f"dispatch API did not start on {self._host}:{self._port}"
-                raise ServiceError(msg)
-            time.sleep(0.005)
-        host, port = sock.getsockname()[:2]
-        self._url = f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10.0)
-            self._thread = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        self._url = None
-
-    def __enter__(self) -> ServerThread:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def __init__(self, app: FastAPI, *, host: str = LOOPBACK, port: int = 0,
+                 startup_timeout_s: float = 10.0) -> None:
+        # h11: fixed protocols, the same whatever else is installed.
+        super().__init__(app, name="dispatch API", host=host, port=port, http="h11",
+                         startup_timeout_s=startup_timeout_s)
