@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 import pytest
+from rule_texts import CART_ABANDONMENT
 
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.outcomes import Outcome, arm_of, attributed
@@ -36,15 +37,7 @@ READER = """
     channels: [email]
     frequency_capped: false
 """
-CART = """
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 15m
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-"""
+CART = CART_ABANDONMENT
 
 
 def detector(*rules: str, window: str | None = None, extra: str = "") -> Detector:

@@ -8,6 +8,7 @@ so these tests control time exactly instead of waiting for it.
 from __future__ import annotations
 
 import orjson
+from rule_texts import CART_ABANDONMENT, rules_yaml
 
 from nudgeflow.core.envelope import DeadLetter, Envelope, Origin
 from nudgeflow.core.events import Event, decode_event
@@ -19,17 +20,7 @@ from nudgeflow.operators import shard_snapshot
 from nudgeflow.operators.detect import DEFAULT_SHARDS, Emitted, LiveClock, UserSlot, _DetectLogic
 from nudgeflow.operators.detector import Detector
 
-RULES = """
-time: {lateness: 30s, dedup_retention: 1d}
-rules:
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 15m
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-"""
+RULES = rules_yaml(CART_ABANDONMENT)
 MIN = 60_000
 PROFILE = Profile(segment="regular", opt_in=("email",))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from rule_texts import CART_ABANDONMENT, rules_yaml
 
 from nudgeflow.core.envelope import Envelope, Origin
 from nudgeflow.core.events import Event, decode_event
@@ -26,17 +27,7 @@ from nudgeflow.operators.detect import Emitted, LiveClock, UserSlot, _DetectLogi
 from nudgeflow.operators.detector import Detector
 from nudgeflow.operators.snapshot import check_recovery
 
-RULES = """
-time: {lateness: 30s, dedup_retention: 1d}
-rules:
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 15m
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-"""
+RULES = rules_yaml(CART_ABANDONMENT)
 MIN = 60_000
 PROFILE = Profile(segment="regular", opt_in=("email",))
 SOURCE = "0-events"

@@ -1,0 +1,24 @@
+"""Rules that many tests share, as the YAML a user writes (one place, so they cannot drift).
+
+Import as ``from rule_texts import CART_ABANDONMENT, rules_yaml`` (``tests/`` is on
+``sys.path`` through ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+# The default cart rule, reduced to what detection needs: 15 minutes, cancelled by a
+# purchase or an emptied cart, by email.
+CART_ABANDONMENT = """
+  - name: cart_abandonment
+    kind: absence
+    after: {event: add_to_cart}
+    timeout: 15m
+    cancel_on: [{event: purchase}, {cart: empty}]
+    metadata: cart
+    channels: [email]
+"""
+
+
+def rules_yaml(*rules: str, time: str = "{lateness: 30s, dedup_retention: 1d}") -> str:
+    """A rules file of `rules` (YAML list items) under the `time` settings."""
+    return f"time: {time}\nrules:" + "".join(rules)
