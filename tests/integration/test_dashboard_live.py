@@ -36,32 +36,14 @@ from dashboard_helpers import (
 )
 from kafka_helpers import TopicFactory
 from live_helpers import start_flow
+from rule_texts import LIVE_RULES
 from selenium import webdriver
 
 from nudgeflow.core.timeutil import now_ms
 
 pytestmark = pytest.mark.integration
 
-RULES = """
-version: 1
-time: {lateness: 1s, session_gap: 30m}
-rules:
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 2s
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-  - name: product_interest
-    kind: count_in_window
-    match: {event: page_view, where: {page_type: product}}
-    scope: product_id
-    window: 10m
-    min_count: 3
-    cooldown: 24h
-    channels: [email]
-"""
+RULES = LIVE_RULES
 USERS = 4
 WAIT_S = 60  # the flow's start (bytewax, Kafka metadata) on a loaded CI machine
 

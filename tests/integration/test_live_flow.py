@@ -26,6 +26,7 @@ from live_helpers import (
     start_flow,
     wait_for_ids,
 )
+from rule_texts import LIVE_RULES
 
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import RulesConfig, parse_rules
@@ -33,26 +34,7 @@ from nudgeflow.core.timeutil import datetime_to_ms, format_ms
 
 pytestmark = pytest.mark.integration
 
-RULES = """
-version: 1
-time: {lateness: 1s, session_gap: 30m}
-rules:
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 2s
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-  - name: product_interest
-    kind: count_in_window
-    match: {event: page_view, where: {page_type: product}}
-    scope: product_id
-    window: 10m
-    min_count: 3
-    cooldown: 24h
-    channels: [email]
-"""
+RULES = LIVE_RULES
 
 HISTORY_START = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 
