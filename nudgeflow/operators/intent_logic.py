@@ -63,7 +63,7 @@ class HighIntentLogic(RuleLogic):
         for _, quantity, price in items:
             if price is not None:
                 value += quantity * price
-        zone = user.profile.timezone or step.detector.config.policies.default_timezone
+        zone = user.profile.timezone or self._default_zone(step)
         return state.vector(
             ts,
             cart_value=value,
@@ -72,6 +72,10 @@ class HighIntentLogic(RuleLogic):
             events_this_hour=user.hourly.current(ts),
             events_today=user.daily.current(ts),
         )
+
+    def _default_zone(self, step: Step) -> str:
+        zone: str = step.detector.config.policies.default_timezone
+        return zone
 
     def on_event(self, step: Step, event: Event, session: Session | None) -> None:
         if session is None:  # the detector places sessions for this rule
