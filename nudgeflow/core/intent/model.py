@@ -233,10 +233,13 @@ def _tree(data: Any, n_features: int) -> Tree:
 # --- compiling -------------------------------------------------------------------------
 
 
-def _depth(tree: Tree, node: int = 0) -> int:
-    if tree.feature[node] < 0:
-        return 0
-    return 1 + max(_depth(tree, tree.left[node]), _depth(tree, tree.right[node]))
+def _depth(tree: Tree) -> int:
+    # Iterative: a file's tree may be deeper than Python's recursion limit.
+    depth = [0] * len(tree.feature)
+    for node in range(len(tree.feature)):  # children come after their parent
+        if tree.feature[node] >= 0:
+            depth[tree.left[node]] = depth[tree.right[node]] = depth[node] + 1
+    return max(depth)
 
 
 def _compile(model: IntentModel) -> Callable[[Sequence[float]], float]:
