@@ -17,7 +17,7 @@ from typing import Final
 from nudgeflow.app.intent.command import run_train
 from nudgeflow.app.intent.train import TrainConfig
 from nudgeflow.app.samples import SampleSpec, write_sample
-from nudgeflow.core.resources import DEFAULT_RULES
+from nudgeflow.core.resources import DEFAULT_INTENT_MODEL
 
 VERSION: Final = "sample-shop-1"
 SPEC: Final = SampleSpec(users=20_000, hours=12.0, seed=11)
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nudgeflow.bench.default_model",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results/intent-default"))
-    parser.add_argument("--model", type=Path, default=DEFAULT_RULES.parent / "intent/model.json")
+    parser.add_argument("--model", type=Path, default=DEFAULT_INTENT_MODEL)
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     events, profiles = write_sample(args.out_dir, SPEC)

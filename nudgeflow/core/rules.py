@@ -39,6 +39,7 @@ from nudgeflow.core import sample_metadata as samples
 from nudgeflow.core.errors import RulesError
 from nudgeflow.core.events import EVENT_TYPES, Event
 from nudgeflow.core.intent.model import ModelError, load_model
+from nudgeflow.core.resources import DEFAULT_INTENT_MODEL
 from nudgeflow.core.timeutil import format_duration_ms, format_ms, parse_duration_ms
 from nudgeflow.core.triggers import Channel
 
@@ -273,8 +274,10 @@ class NthEventRule(RuleBase):
 class HighIntentRule(RuleBase):
     """Fires once per session when the intent model scores it at `threshold` or more.
 
-    `model` is a path, relative to the rules file's folder; it is loaded and its
-    feature list checked when the rules are (`nudgeflow.core.intent.model`).
+    `model` is `default` (the model shipped inside nudgeflow, so a copy of the
+    shipped rules file works anywhere) or a path, relative to the rules file's
+    folder; it is loaded and its feature list checked when the rules are
+    (`nudgeflow.core.intent.model`).
     """
 
     kind: Literal["high_intent"]
@@ -285,7 +288,7 @@ class HighIntentRule(RuleBase):
     @classmethod
     def _loadable(cls, value: str, info: ValidationInfo) -> str:
         base = (info.context or {}).get("base_dir")
-        path = Path(value)
+        path = DEFAULT_INTENT_MODEL if value == "default" else Path(value)
         if not path.is_absolute() and base is not None:
             path = Path(base) / path
         try:

@@ -123,3 +123,12 @@ def test_the_compiled_scorer_equals_the_array_walk_on_the_shipped_model() -> Non
     for _ in range(2000):
         row = [float(rng.randint(-1, 12)) * rng.choice((1, 0.5, 7.3)) for _ in FEATURES]
         assert model.raw_score(row) == model.raw_score_walk(row)
+
+
+def test_a_copy_of_the_shipped_rules_finds_the_shipped_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "rules.yaml"
+    copy.write_text(DEFAULT_RULES.read_text())
+    assert main(["rules", "check", str(copy)]) == 0
+    assert capsys.readouterr().out == f"{copy}: ok, 10 rules\n"

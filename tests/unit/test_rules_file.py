@@ -88,6 +88,5 @@ def test_a_new_rule_of_an_existing_kind_needs_no_code(tmp_path: Path) -> None:
         "    match: {event: page_view, where: {page_type: category}}\n"
         "    window: 5m\n    min_count: 5\n"
     )
-    # the shipped high_intent rule names its model relative to the rules file's folder
-    config = parse_rules(text, base_dir=DEFAULT_RULES.parent)
+    config = parse_rules(text)
     assert config.rules[-1].name == "category_binge"
