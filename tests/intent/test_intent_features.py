@@ -117,3 +117,16 @@ def test_offline_and_flow_vectors_are_bit_identical(
         return grouped
 
     assert by_user(online.samples) == by_user(offline.samples)
+
+
+def test_a_user_back_after_a_quiet_week_is_a_new_visitor_again() -> None:
+    state = IntentState()
+    state.observe(ev("purchase", T0), 0, T0)
+    back = T0 + HISTORY_MS + 1
+    state.observe(ev("page_view", back, page_type="home"), 1, back)
+    f = features(state, back)
+    assert (f["past_sessions"], f["past_purchases"], f["hours_since_purchase"]) == (0, 0, -1)
+    within = IntentState()
+    within.observe(ev("purchase", T0), 0, T0)
+    within.observe(ev("page_view", back - 1, page_type="home"), 1, back - 1)
+    assert features(within, back - 1)["past_purchases"] == 1

@@ -8,9 +8,10 @@ two methods through the same rule logic, so a model sees in the flow exactly
 what it was trained on (tests/unit/test_intent_features.py checks it bit for
 bit).
 
-History is kept while the user keeps coming back: `forget_before` drops it
-once the user has been quiet for `HISTORY_MS` (as the detector forgets a quiet
-user), so the state stays bounded.
+History is kept while the user keeps coming back: a session that starts more
+than `HISTORY_MS` after the previous one's latest event starts from nothing,
+and `forget_before` drops the state of a user quiet that long (as the
+detector forgets a quiet user), so the state stays bounded.
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ class IntentState:
     def observe(self, event: Any, session_index: int, session_start: int) -> None:
         """Count an applied event of the detector's session `session_index` (started then)."""
         if session_index != self.session:
+            if self.session >= 0 and session_start - self.latest > HISTORY_MS:
+                # Back after a quiet week: a new visitor again. Decided by the user's own
+                # events, so replay (which never forgets) and live (which drops a quiet
+                # user's state, `forget_before`) compute the same features.
+                self.reset()
             if self.session >= 0:
                 self.past_sessions += 1
                 self.previous_latest = self.latest
