@@ -16,6 +16,7 @@
     nudgeflow collect [--host H] [--port P] [--brokers B] [--topic T] [--write-key KEY]…
                       [--redis-url R]
     nudgeflow rules check FILE
+    nudgeflow model train EVENTS.jsonl --out MODEL [--profiles P] [--eval-json FILE]
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _parser() -> OneLineParser:
     )
     check = rules_commands.add_parser("check", help="validate a rules file")
     check.add_argument("file", type=Path)
+    _add_model_commands(commands)
     return parser
 
 
@@ -149,6 +151,32 @@ def _add_api_command(commands: Any) -> None:
     api.add_argument("--push-url", help="push provider URL")
     api.add_argument("--token", help="require this bearer token [NUDGEFLOW_API_TOKEN]")
     api.add_argument("--hmac-secret", help="require HMAC-signed bodies [NUDGEFLOW_API_HMAC_SECRET]")
+
+
+def _add_model_commands(commands: Any) -> None:
+    model = commands.add_parser("model", help="the purchase intent model")
+    model_commands = model.add_subparsers(
+        dest="model_command", required=True, parser_class=OneLineParser
+    )
+    train = model_commands.add_parser(
+        "train", help="train, evaluate and export an intent model (needs nudgeflow[train])"
+    )
+    train.add_argument("events", type=Path)
+    train.add_argument("--out", type=Path, required=True, help="the model file (JSON)")
+    train.add_argument("--profiles", type=Path)
+    train.add_argument("--eval-json", type=Path, help="write the evaluation here")
+    train.add_argument("--plot", type=Path,
+                       help="the reliability plot (default: --eval-json with .png)")
+    train.add_argument("--rules", type=Path, help="take lateness and session gap from here")
+    train.add_argument("--horizon", default="2h",
+                       help="label: a purchase in the session within this (default 2h)")
+    train.add_argument("--test-share", type=float, default=0.3,
+                       help="share of sessions, the latest, kept to evaluate (default 0.3)")
+    train.add_argument("--max-iter", type=positive_int, default=40,
+                       help="boosting rounds (default 40: README \"Purchase intent\")")
+    train.add_argument("--max-leaf-nodes", type=positive_int, default=15)
+    train.add_argument("--model-version", default="custom", help="recorded in the model")
+    train.add_argument("--no-progress", action="store_true")
 
 
 def _add_tool_commands(commands: Any) -> None:
@@ -264,6 +292,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "collect":
         return _collect(args)
+    if args.command == "model":
+        return _model(args)
     if args.command == "rules":
         from nudgeflow.core.rules import load_rules
 
@@ -323,6 +353,26 @@ def _report(args: argparse.Namespace) -> int:
 
         write_png(result, args.png)
     return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from nudgeflow.app.intent.command import run_train
+    from nudgeflow.app.intent.train import TrainConfig
+    from nudgeflow.core.timeutil import parse_duration_ms
+
+    try:
+        horizon = parse_duration_ms(args.horizon)
+    except ValueError as exc:
+        msg = f"--horizon: {exc}"
+        raise UsageError(msg) from None
+    if not 0 < args.test_share < 1:
+        msg = f"--test-share must be between 0 and 1, got {args.test_share:g}"
+        raise UsageError(msg)
+    config = TrainConfig(test_share=args.test_share, max_iter=args.max_iter,
+                         max_leaf_nodes=args.max_leaf_nodes, version=args.model_version)
+    return run_train(args.events, args.out, profiles=args.profiles, eval_json=args.eval_json,
+                     plot=args.plot, rules=args.rules, horizon_ms=horizon, config=config,
+                     progress=not args.no_progress)
 
 
 def _replay(args: argparse.Namespace) -> int:

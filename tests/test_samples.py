@@ -311,3 +311,35 @@ def test_invariants_hold_for_any_spec(
     lines = list(generate_lines(spec))
     assert {line.user_id for line in lines} == {f"u{i + 1:06d}" for i in range(users)}
     _check_invariants(lines)
+
+
+def test_buyers_browse_differently_before_the_cart(
+    decoded: list[tuple[SampleLine, Event | Rejection]],
+) -> None:
+    """What the intent model learns from: a cart session that ends in a purchase looks
+    different before its first add_to_cart (fewer distinct products, longer reads)."""
+    sessions: dict[str, list[Event]] = defaultdict(list)
+    for line, event in decoded:
+        if line.kind == "event" and isinstance(event, Event) and event.session_id:
+            sessions[event.session_id].append(event)
+    seen: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for events in sessions.values():
+        events.sort(key=lambda e: e.ts)
+        adds = [i for i, e in enumerate(events) if e.type == "add_to_cart"]
+        if not adds or events[0].type != "page_view" or events[0].page_type == "cart":
+            continue  # no cart, or a returning buyer's short visit
+        before = events[:adds[0]]
+        views = [e.product_id for e in before if e.type == "page_view" and e.page_type == "product"]
+        dwell = [e.dwell_ms or 0 for e in before
+                 if e.type == "page_leave" and e.page_type == "product"]
+        if views and dwell:
+            bought = any(e.type == "purchase" for e in events)
+            seen[bought].append((len(set(views)) / len(views), sum(dwell) / len(dwell)))
+    assert len(seen[True]) > 30 and len(seen[False]) > 30
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    buyers, browsers = seen[True], seen[False]
+    assert mean([d for d, _ in buyers]) < mean([d for d, _ in browsers]) - 0.1
+    assert mean([w for _, w in buyers]) > 1.3 * mean([w for _, w in browsers])

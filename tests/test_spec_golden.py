@@ -23,10 +23,10 @@ from typing import Any
 import orjson
 import pytest
 from reference.spec_model import run_reference, segment_of
+from reference.spec_rules import spec_rules_text
 
 from nudgeflow.cli import main
 from nudgeflow.core.events import Event, decode_event, parse_ts
-from nudgeflow.core.settings import DEFAULT_RULES
 
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 SEC = 1000
@@ -149,7 +149,8 @@ def replay(
 ) -> Run:
     """Run `lines` through the real CLI and read the triggers and dead letters back.
 
-    `rules` is the text of a rules file (default: the shipped rules).
+    `rules` is the text of a rules file (default: the shipped rules but `high_intent`,
+    which the reference does not model: `reference/spec_rules.py`).
     """
     rendered = _render(lines)
     profiles = _default_profiles(lines) if profiles is None else profiles
@@ -163,10 +164,9 @@ def replay(
         "replay", str(events), "--out", str(out), "--dead-letter", str(dead),
         "--profiles", str(profile_file), "--quiet",
     ]
-    if rules is not None:
-        rules_file = tmp_path / "rules.yaml"
-        rules_file.write_text(rules)
-        argv += ["--rules", str(rules_file)]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(spec_rules_text() if rules is None else rules)
+    argv += ["--rules", str(rules_file)]
     code = main(argv)
     assert code == 0
     return Run(_read_jsonl(out), _read_jsonl(dead) if dead.exists() else [])
@@ -964,7 +964,7 @@ def test_the_stream_clock_closes_a_quiet_users_session_and_it_is_over(
 
 
 def _rules_with_cart_delay(delay: str) -> str:
-    text = DEFAULT_RULES.read_text()
+    text = spec_rules_text()
     anchor = "    metadata: cart\n    channels: [sms, push, email]\n"
     assert text.count(anchor) == 1
     return text.replace(anchor, f"{anchor}    delay: {delay}\n")

@@ -40,11 +40,10 @@ from reference.spec_model import (
     Detection,
     run_reference,
 )
+from reference.spec_rules import spec_rules, spec_rules_text
 
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import Profile
-from nudgeflow.core.rules import load_rules
-from nudgeflow.core.settings import DEFAULT_RULES
 from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import format_ms
 from nudgeflow.core.triggers import Trigger
@@ -214,7 +213,7 @@ ADMISSION: dict[Admit, Admission] = {
 }
 
 
-RULES = load_rules(DEFAULT_RULES)
+RULES = spec_rules()  # the shipped rules but high_intent, which the reference does not model
 
 
 def run_product(
@@ -365,10 +364,12 @@ def _big_stream(seed: int, size: int) -> list[bytes]:
 def _replay(tmp_path: Path, events: Path, profiles: Path, workers: int) -> tuple[bytes, bytes]:
     out = tmp_path / f"out-{workers}.jsonl"
     dead = tmp_path / f"dead-{workers}.jsonl"
+    rules = tmp_path / "spec-rules.yaml"
+    rules.write_text(spec_rules_text())
     subprocess.run(
         [sys.executable, "-m", "nudgeflow", "replay", str(events), "--out", str(out),
          "--dead-letter", str(dead), "--profiles", str(profiles), "--workers", str(workers),
-         "--quiet"],
+         "--rules", str(rules), "--quiet"],
         check=True, timeout=120,
     )
     return out.read_bytes(), dead.read_bytes()

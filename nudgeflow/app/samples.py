@@ -17,6 +17,13 @@ The model, per user:
   `remove_from_cart`, the cart page, then `checkout_started` and `purchase`
   — or nothing more: the abandoned carts that cart abandonment exists for.
   Some abandoners come back in a later session and buy.
+- **Buyers behave differently from browsers**, so the intent model has
+  something to see before the cart: whether a cart session ends in a purchase
+  is drawn when the session starts, and a buyer lands on a category page more
+  often than on home, views a few products and goes back to them (fewer
+  distinct products, more repeat views), stays longer on product pages (dwell
+  doubled, capped under 2 minutes: 1.5x on average), looks at pricing more and
+  detours less (categories, journal).
 - About half the pages end with a `page_leave` carrying `dwell_ms`; a few
   dwell over 2 minutes (mostly journal pages).
 - `ts` is a per-user tracker habit: RFC 3339 UTC with `Z`, integer epoch ms, or
@@ -131,6 +138,12 @@ _NEW: Final = 3
 _SEGMENT_NAMES: Final = {_VIP: "vip", _REGULAR: "regular", _NEW: "new"}
 # Share of users of each segment who put something in a cart in one of their sessions.
 _CART_PROPENSITY: Final = {_NO_PROFILE: 0.10, _VIP: 0.26, _REGULAR: 0.15, _NEW: 0.10}
+
+# Of the shoppers with a cart, those who buy in that session; they browse differently
+# before it (`_Visitor._browse`): fewer, more focused product views, read longer.
+_BUY_SHARE: Final = 0.42
+_VIEWS: Final = (1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 10)
+_BUYER_VIEWS: Final = (2, 3, 3, 4, 4, 5, 5, 6)
 
 # ts styles of a user's tracker.
 _TS_Z: Final = 0
@@ -436,18 +449,22 @@ class _Visitor:
 
     def _browse(self, *, cart: bool) -> None:
         rng = self._rng
+        # A shopper who will buy has decided before the session: drawn first, it
+        # shapes the browsing that precedes the cart (what the intent model sees).
+        outcome = rng.random() if cart else 1.0
+        buyer = outcome < _BUY_SHARE
         landing_props = self._landing_properties() if rng.random() < 0.2 else None
         utm = _pick(rng, _UTM) if rng.random() < 0.15 else ""
-        if rng.random() < 0.6:
+        if rng.random() < (0.3 if buyer else 0.6):
             self._page("home", f"{_SHOP}/{utm}", properties=landing_props)
         else:
             category = self._favourites[0] if rng.random() < 0.7 else self._favourites[1]
             self._page("category", self._category_url(category) + utm, properties=landing_props)
-        views = _pick(rng, (1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 10))
-        fixate_at = _below(rng, views) if rng.random() < 0.04 else -1
-        pricing = rng.random() < (0.7 if self._pricing_fan else 0.03)
+        views = _pick(rng, _BUYER_VIEWS if buyer else _VIEWS)
+        fixate_at = _below(rng, views) if rng.random() < (0.3 if buyer else 0.04) else -1
+        pricing = rng.random() < (0.7 if self._pricing_fan else 0.25 if buyer else 0.03)
         pricing_at = _below(rng, views + 1) if pricing else -1
-        journal_at = _below(rng, views + 1) if rng.random() < 0.18 else -1
+        journal_at = _below(rng, views + 1) if rng.random() < (0.05 if buyer else 0.18) else -1
         viewed: list[_Product] = []
         for step in range(views + 1):
             if step == pricing_at:
@@ -456,16 +473,18 @@ class _Visitor:
                 self._page("content", f"{_SHOP}/journal/{_pick(rng, _JOURNAL)}")
             if step == views:
                 break
-            if step and rng.random() < 0.25:
+            if step and rng.random() < (0.1 if buyer else 0.25):
                 self._page("category", self._category_url(self._pick_category()))
-            product = self._pick_product()
+            # A buyer compares a few products and goes back to them; a browser wanders.
+            product = (_pick(rng, viewed) if buyer and viewed and rng.random() < 0.5
+                       else self._pick_product())
             if step == fixate_at:
                 self._fixate(product)
             else:
-                self._page("product", product.url, product=product)
+                self._page("product", product.url, product=product, engaged=buyer)
             viewed.append(product)
         if cart:
-            self._cart_flow(viewed[-1])
+            self._cart_flow(viewed[-1], outcome)
 
     def _fixate(self, product: _Product) -> None:
         """One product viewed 3-4 times within a few minutes, with short detours."""
@@ -477,7 +496,7 @@ class _Visitor:
                 other = self._pick_product()
                 self._page("product", other.url, product=other, quick=True)
 
-    def _cart_flow(self, product: _Product) -> None:
+    def _cart_flow(self, product: _Product, outcome: float) -> None:
         rng = self._rng
         self._open_page("product", product.url, product=product)
         self._cart_event("add_to_cart", product, rng.choices((1, 2, 3), weights=(78, 16, 6))[0])
@@ -495,8 +514,7 @@ class _Visitor:
         self._close_page()
         if not self._cart:
             return
-        outcome = rng.random()
-        if outcome < 0.42:
+        if outcome < _BUY_SHARE:
             self._checkout(purchase=True)
         elif outcome < 0.55:
             self._checkout(purchase=False)
@@ -539,9 +557,10 @@ class _Visitor:
         product: _Product | None = None,
         properties: dict[str, Any] | None = None,
         quick: bool = False,
+        engaged: bool = False,
     ) -> None:
         self._open_page(page_type, url, product=product, properties=properties)
-        self._close_page(quick=quick)
+        self._close_page(quick=quick, engaged=engaged)
 
     def _open_page(
         self,
@@ -561,11 +580,16 @@ class _Visitor:
         self._page_start = self._now
         self._last_page = (page_type, url)
 
-    def _close_page(self, *, quick: bool = False) -> None:
-        """Leave the open page: maybe a `page_leave`, then a short pause before the next."""
+    def _close_page(self, *, quick: bool = False, engaged: bool = False) -> None:
+        """Leave the open page: maybe a `page_leave`, then a short pause before the next.
+
+        An `engaged` shopper (one who will buy) stays twice as long, under 2 minutes.
+        """
         rng = self._rng
         page_type, url = self._last_page
         dwell = self._dwell(page_type, quick=quick)
+        if engaged:
+            dwell = min(dwell * 2, 115_000)
         dwell = max(dwell, self._now - self._page_start + _between(rng, 1_000, 6_000))
         leave_share = 0.9 if dwell > 120_000 else 0.6
         self._now = self._page_start + dwell

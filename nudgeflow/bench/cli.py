@@ -61,11 +61,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--collector", action="store_true",
                    help="instead: the collector's events/s in batches and p99 of single "
                         "events, on one core (nudgeflow/bench/collector.py); Kafka only")
+    p.add_argument("--intent", action="store_true",
+                   help="instead: the high_intent rule's cost per scored event "
+                        "(nudgeflow/bench/intent.py; needs no services)")
+    p.add_argument("--intent-ecom", action="store_true",
+                   help="instead: train and evaluate the intent model on the public ecom "
+                        "clickstream (nudgeflow/bench/intent_ecom.py; needs nudgeflow[train])")
     return p
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.intent or args.intent_ecom:
+        return _intent(args)
     bootstrap = args.brokers or os.environ.get("KAFKA_BOOTSTRAP", "").strip()
     redis_url = args.redis_url or os.environ.get("REDIS_URL", "").strip()
     if args.collector:
@@ -137,6 +145,22 @@ def _collector(args: argparse.Namespace, bootstrap: str) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     return 0
+
+
+def _intent(args: argparse.Namespace) -> int:
+    """The intent model's benches: no Kafka or Redis, so they run before that check."""
+    if args.intent_ecom:
+        from nudgeflow.bench import intent_ecom
+
+        return intent_ecom.main([] if args.json is None else ["--json", str(args.json)])
+    from nudgeflow.bench import intent
+
+    options = [] if args.json is None else ["--json", str(args.json)]
+    if args.users is not None:
+        options += ["--users", str(args.users)]
+    if args.runs is not None:
+        options += ["--runs", str(args.runs)]
+    return intent.main(options)
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The default rules and message templates, shipped inside the package.
+"""The default rules, message templates and intent model, shipped inside the package.
 
 They are package data (`nudgeflow/config/`), found through `importlib.resources`
 so an installed wheel finds them from any directory. nudgeflow is installed
@@ -19,3 +19,5 @@ def _config_dir() -> Path:
 
 DEFAULT_RULES: Final = _config_dir() / "rules.yaml"
 DEFAULT_TEMPLATES: Final = _config_dir() / "templates"
+# The intent model a rules file names as `model: default` (README "Purchase intent").
+DEFAULT_INTENT_MODEL: Final = _config_dir() / "intent" / "model.json"

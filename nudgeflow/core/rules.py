@@ -13,6 +13,7 @@ Kinds (see README "Rules" for their exact semantics):
 - `revisit`          a matching event in a new session, within a span of an earlier one
 - `sequence_count`   N triggers of one type within a window (over other rules' triggers)
 - `nth_event`        the user's Nth matching event ever
+- `high_intent`      the intent model scores the open session at `threshold` or more
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -36,7 +38,9 @@ from pydantic import (
 from nudgeflow.core import sample_metadata as samples
 from nudgeflow.core.errors import RulesError
 from nudgeflow.core.events import EVENT_TYPES, Event
+from nudgeflow.core.intent.model import ModelError, load_model
 from nudgeflow.core.outcomes import DEFAULT_ATTRIBUTION_WINDOW_MS
+from nudgeflow.core.resources import DEFAULT_INTENT_MODEL
 from nudgeflow.core.timeutil import format_duration_ms, format_ms, parse_duration_ms
 from nudgeflow.core.triggers import Channel
 
@@ -270,6 +274,47 @@ class NthEventRule(RuleBase):
         return {"count": self.n}
 
 
+class HighIntentRule(RuleBase):
+    """Fires once per session when the intent model scores it at `threshold` or more.
+
+    `model` is `default` (the model shipped inside nudgeflow, so a copy of the
+    shipped rules file works anywhere) or a path, relative to the rules file's
+    folder; it is loaded and its feature list checked when the rules are
+    (`nudgeflow.core.intent.model`).
+    """
+
+    kind: Literal["high_intent"]
+    model: str
+    threshold: float = Field(default=0.70, ge=0, le=1)
+
+    @field_validator("model")
+    @classmethod
+    def _loadable(cls, value: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")
+        path = DEFAULT_INTENT_MODEL if value == "default" else Path(value)
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        try:
+            load_model(path)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
+        return str(path)
+
+    def detection_fingerprint(self) -> str:
+        # The model's version, not its path: the same model installed elsewhere keeps state.
+        version = load_model(self.model).version if self.model else None
+        detection = {"kind": self.kind, "threshold": self.threshold, "model": version}
+        return hashlib.blake2b(
+            json.dumps(detection, sort_keys=True).encode(), digest_size=8
+        ).hexdigest()
+
+    def sample_metadata(self, sample: str) -> dict[str, Any]:
+        top = [{"feature": "session_cart_adds", "value": 2.0, "effect": 1.2},
+               {"feature": "session_product_views", "value": 6.0, "effect": 0.4}]
+        return {"score": 0.99 if sample == "long" else 0.83, "model": "sample-model",
+                "top_features": [] if sample == "minimal" else top}
+
+
 Rule = Annotated[
     AbsenceRule
     | CountInWindowRule
@@ -277,7 +322,8 @@ Rule = Annotated[
     | SessionCloseRule
     | RevisitRule
     | SequenceCountRule
-    | NthEventRule,
+    | NthEventRule
+    | HighIntentRule,
     Field(discriminator="kind"),
 ]
 
@@ -354,10 +400,13 @@ def load_rules(path: Path | str) -> RulesConfig:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RulesError(str(path), None, f"cannot read: {exc}") from None
-    return parse_rules(text, str(path))
+    return parse_rules(text, str(path), base_dir=path.parent)
 
 
-def parse_rules(text: str, source: str = "<rules>") -> RulesConfig:
+def parse_rules(
+    text: str, source: str = "<rules>", *, base_dir: Path | None = None
+) -> RulesConfig:
+    """Validate a rules file's text; relative paths in it (a model) are from `base_dir`."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -370,7 +419,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RulesConfig:
     if not isinstance(data, dict):
         raise RulesError(source, 1, "the file must be a mapping with a 'rules' list")
     try:
-        return RulesConfig.model_validate(data)
+        return RulesConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         loc = _clean_loc(error["loc"])
@@ -390,7 +439,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RulesConfig:
             message = (
                 f"{where}: unknown rule kind {error.get('input', {}).get('kind')!r} "
                 "(known: absence, count_in_window, threshold, session_close, revisit, "
-                "sequence_count, nth_event)"
+                "sequence_count, nth_event, high_intent)"
             )
         elif error["type"] == "union_tag_not_found":
             message = f"{where}: a rule needs a 'kind'"
@@ -403,7 +452,7 @@ def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     # Discriminated unions add the tag ('absence') and unions add the member's class
     # name ('EventMatch') to the location; neither is in the file.
     kinds = {"absence", "count_in_window", "threshold", "session_close", "revisit",
-             "sequence_count", "nth_event", "EventMatch", "TriggerRef", "CartEmpty"}
+             "sequence_count", "nth_event", "high_intent", "EventMatch", "TriggerRef", "CartEmpty"}
     return tuple(p for p in loc if not (isinstance(p, str) and (p in kinds or "[" in p)))
 
 

@@ -35,6 +35,7 @@ from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
 from nudgeflow.operators.attribution import Attribution
 from nudgeflow.operators.cart import Cart
 from nudgeflow.operators.event_time import Admission, Admit, TimerQueue
+from nudgeflow.operators.intent_logic import HighIntentLogic  # noqa: F401  (registers the kind)
 from nudgeflow.operators.internal import DelayedSendsLogic, SessionsLogic
 from nudgeflow.operators.rule_logic import (
     CountInWindowLogic,
@@ -173,7 +174,8 @@ class Detector:
                 self._listeners.setdefault(logic.listens_to, []).append(logic)
         session_rules = [x for x in self.logics if isinstance(x, SessionCloseLogic)]
         self._uses_sessions = any(
-            isinstance(x, SessionCloseLogic | RevisitLogic) for x in self.logics
+            isinstance(x, SessionCloseLogic | RevisitLogic) or x.needs_sessions
+            for x in self.logics
         )
         self.sessions = SessionsLogic(
             self.session_gap, matchers, session_rules,

@@ -96,6 +96,8 @@ class RuleLogic(Logic):
     listens_to: str | None = None
     # The event types `on_event` can act on: the detector shows a rule no other.
     watches: frozenset[str] = frozenset()
+    # Whether `on_event` needs the session the event was placed in.
+    needs_sessions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

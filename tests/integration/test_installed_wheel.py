@@ -42,7 +42,7 @@ COMMAND_TIMEOUT_S = 120.0
 # The top-level names the code had before it moved under nudgeflow/: none may come back.
 OLD_TOP_LEVEL = frozenset({"flows", "operators", "sinks", "bench", "config", "tests", "scripts"})
 # What setuptools puts in the wheel from nudgeflow/ (modules and package data).
-SHIPPED_SUFFIXES = frozenset({".py", ".typed", ".yaml", ".j2", ".html", ".js"})
+SHIPPED_SUFFIXES = frozenset({".py", ".typed", ".yaml", ".j2", ".html", ".js", ".json"})
 
 T = TypeVar("T")
 

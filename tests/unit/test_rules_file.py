@@ -17,7 +17,7 @@ def test_the_shipped_rules_are_the_default_rules_of_the_spec_in_table_order() ->
     assert [r.name for r in config.rules] == [
         "cart_abandonment", "cart_abandonment_followup", "product_interest",
         "product_retargeting", "engaged_reader", "pricing_revisit", "browse_abandonment",
-        "vip_concierge", "new_visitor_welcome",
+        "vip_concierge", "new_visitor_welcome", "high_intent",
     ]
     cart = config.rules[0]
     assert isinstance(cart, AbsenceRule)
