@@ -10,7 +10,8 @@
 #    failing fast,
 # 3. `scripts/services.sh up` (Kafka + Redis) and exports KAFKA_BOOTSTRAP / REDIS_URL,
 #    and installs Debian's chromium and chromium-driver when missing (the dashboard's and
-#    the tracker's browser tests drive them; nothing downloads a browser),
+#    the tracker's browser tests drive them; nothing downloads a browser), and takes
+#    promtool out of Debian's prometheus package (a test evaluates the Grafana PromQL),
 # 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
 set -euo pipefail
 
@@ -101,6 +102,24 @@ if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
   "${sudo_cmd[@]}" apt-get update -qq >/dev/null
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     chromium chromium-driver >/dev/null || die "apt-get install chromium chromium-driver failed"
+fi
+
+# The Grafana panels' PromQL is evaluated by Prometheus's own promtool
+# (tests/test_monitoring.py). Only that binary is taken from Debian's prometheus
+# package, into .venv/bin: installing the package would start a Prometheus server.
+if ! command -v promtool >/dev/null 2>&1 && [[ ! -x .venv/bin/promtool ]]; then
+  command -v apt-get >/dev/null 2>&1 || die "promtool missing and no apt-get: install prometheus"
+  log "extracting promtool from Debian's prometheus package into .venv/bin"
+  apt_update=(apt-get update -qq)
+  [[ "$(id -u)" -eq 0 ]] || apt_update=(sudo apt-get update -qq)
+  deb_dir="$(mktemp -d)"
+  # apt-get download needs no root; the package lists may need an update first.
+  (cd "$deb_dir" && apt-get download prometheus >/dev/null 2>&1) ||
+    { "${apt_update[@]}" >/dev/null && (cd "$deb_dir" && apt-get download prometheus >/dev/null); } ||
+    die "apt-get download prometheus failed"
+  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/x"
+  install -m 0755 "$deb_dir/x/usr/bin/promtool" .venv/bin/promtool
+  rm -rf "$deb_dir"
 fi
 
 # --- 4. pytest --------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What the dashboard's tests share: the browser, reading the page and /metrics, and the
-attribution step's series as that step names them.
+experiment arms' decisions and conversions recorded through the real `Metrics`.
 
 The browser is Debian's chromium driven through Debian's chromedriver
 (`/usr/bin/…`, scripts/test.sh installs both); nothing downloads a browser.
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -23,6 +24,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from nudgeflow.core.dashboard import histogram_quantile
+from nudgeflow.core.metrics import Metrics
+from nudgeflow.core.outcomes import HOLDOUT_ARM, TREATMENT_ARM, Outcome
+from nudgeflow.core.policies import Assignment
+from nudgeflow.core.triggers import Decision, Trigger
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -67,8 +72,17 @@ def artifacts_dir() -> Path:
 
 def scrape(base: str) -> dict[str, dict[Labels, float]]:
     """`/metrics` parsed: sample name -> {labels: value}."""
+    return _parsed(httpx.get(f"{base}/metrics").text)
+
+
+def scrape_registry(registry: CollectorRegistry) -> dict[str, dict[Labels, float]]:
+    """What `/metrics` would serve of `registry` now, parsed as `scrape` parses it."""
+    return _parsed(generate_latest(registry).decode())
+
+
+def _parsed(text: str) -> dict[str, dict[Labels, float]]:
     out: dict[str, dict[Labels, float]] = defaultdict(dict)
-    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[sample.name][frozenset(sample.labels.items())] = sample.value
     return out
@@ -168,17 +182,40 @@ def latency_buckets(scraped: dict[str, dict[Labels, float]], rule: str | None = 
     return buckets(scraped, "nudgeflow_event_to_dispatch_seconds", rule, since="source_read")
 
 
+def _experiment_metadata(variant: str) -> dict[str, Any]:
+    """What the detector puts in a trigger's metadata for experiment arm `variant` (arm_of)."""
+    if not variant:
+        return {}
+    if variant == HOLDOUT_ARM:
+        assignment = Assignment("exp", None, holdout=True)
+    else:
+        assignment = Assignment("exp", None if variant == TREATMENT_ARM else variant,
+                                holdout=False)
+    return {"experiment": assignment.to_json()}
 
-def attribution_counters(registry: CollectorRegistry) -> tuple[Counter, Counter, Counter]:
-    """`nudgeflow_decided_total`, `…_outcomes_total`, `…_outcome_value_total` (issue 13).
 
-    Registered here in a test's own registry: the attribution step records them in
-    the flow, and the dashboard reads whichever of them exist.
+def record_arm(
+    m: Metrics, rule: str, variant: str, *, dispatched: int = 0,
+    suppressed: Mapping[str, int] | None = None, converted: int = 0, cart_recovered: int = 0,
+    value_each: float | None = None,
+) -> None:
+    """Decisions and conversions of one experiment arm, recorded as the flow records them.
+
+    Through the real `Metrics.record_decision` / `record_outcome`, with triggers
+    that carry the detector's experiment metadata, so that the series, their
+    labels and the arm's name are the flow's own and cannot drift from them.
     """
-    decided = Counter("nudgeflow_decided", "decisions by variant",
-                      ["rule", "variant", "decision"], registry=registry)
-    outcomes = Counter("nudgeflow_outcomes", "outcomes by variant",
-                       ["rule", "variant", "outcome"], registry=registry)
-    value = Counter("nudgeflow_outcome_value", "outcome value by variant",
-                    ["rule", "variant"], registry=registry)
-    return decided, outcomes, value
+    metadata = _experiment_metadata(variant)
+    reasons = [None] * dispatched + [r for r, n in (suppressed or {}).items() for _ in range(n)]
+    for i, reason in enumerate(reasons):
+        trigger = Trigger(trigger_id=f"{rule}-{variant}-{i}", trigger_type=rule,
+                          user_id=f"u{i}", fired_at_ms=1_000, detected_at_ms=1_000,
+                          segment="new", metadata=metadata)
+        m.record_decision(Decision(trigger, "dispatched" if reason is None else "suppressed",
+                                   reason, channel="email" if reason is None else None))
+    for i in range(converted):
+        m.record_outcome(Outcome(
+            trigger_id=f"{rule}-{variant}-{i}", trigger_type=rule, user_id=f"u{i}",
+            fired_at_ms=1_000, ts_ms=2_000, value=value_each, variant=variant,
+            cart_recovered=i < cart_recovered,
+        ))

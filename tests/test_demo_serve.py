@@ -10,8 +10,11 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 STARTUP_S = 60  # the demo's run on a loaded CI machine
@@ -50,8 +53,14 @@ class Demo:
 
 
 @pytest.fixture
-def demo() -> Iterator[Demo]:
-    running = Demo("--users", "120", "--hours", "1", "--serve", "--port", "0")
+def out_dir(tmp_path: Path) -> Path:
+    return tmp_path / "demo"
+
+
+@pytest.fixture
+def demo(out_dir: Path) -> Iterator[Demo]:
+    running = Demo("--users", "120", "--hours", "1", "--serve", "--port", "0",
+                   "--out-dir", str(out_dir))
     try:
         yield running
     finally:
@@ -63,7 +72,7 @@ def demo() -> Iterator[Demo]:
         running.process.stdout.close()
 
 
-def test_the_dashboard_shows_the_demos_run_until_ctrl_c(demo: Demo) -> None:
+def test_the_dashboard_shows_the_demos_run_until_ctrl_c(demo: Demo, out_dir: Path) -> None:
     url = demo.until(URL).group(1)
     applied, duplicate, late, invalid = (int(n) for n in EVENTS.search(
         "\n".join(demo.seen)).groups())  # type: ignore[union-attr]
@@ -90,11 +99,40 @@ def test_the_dashboard_shows_the_demos_run_until_ctrl_c(demo: Demo) -> None:
     assert +shown == decisions
     # The dispatches caused by an event are timed from the read of its line.
     assert 0 < summary["latency"]["count"] <= sum(r["delivered"] for r in summary["triggers"])
+    check_arms_match_the_report(summary["experiments"],
+                                orjson.loads((out_dir / "report.json").read_bytes()))
 
     demo.process.send_signal(signal.SIGINT)
     assert demo.process.wait(timeout=15) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url)
+
+
+def check_arms_match_the_report(experiments: dict[str, Any], report: dict[str, Any]) -> None:
+    """Each (rule, arm) of the dashboard is the same arm of `nudgeflow report` over the
+    run's own files (`report.json`, from triggers.jsonl and outcomes.jsonl)."""
+    assert experiments["available"], "the demo's run converted some triggers"
+    expected = {}
+    for rule, entry in report["rules"].items():
+        for variant, arm in entry.get("variants", {"": entry}).items():
+            expected[(rule, variant)] = arm
+    shown = {(row["rule"], row["variant"]): row for row in experiments["variants"]}
+    assert set(shown) == set(expected)
+    compared = 0
+    for key, row in shown.items():
+        arm = expected[key]
+        assert row["attributed"] == arm["attributed"], key
+        assert row["converted"] == arm["converted"], key
+        assert row["outcomes"].get("cart_recovered", 0) == (arm["cart_recovered"] or 0), key
+        assert row["revenue"] == pytest.approx(arm["revenue"], abs=0.005), key
+        for field in ("conversion_rate", "lift", "relative_lift"):
+            # the report rounds to 6 places
+            want = arm.get(field)
+            assert (row[field] is None) == (want is None), (key, field)
+            if want is not None:
+                assert row[field] == pytest.approx(want, abs=5e-7), (key, field)
+        compared += arm.get("lift") is not None
+    assert compared, "an arm compared with its holdout"
 
 
 def test_a_busy_port_is_one_line_and_exit_2() -> None:

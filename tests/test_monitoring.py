@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import promql_parser
 import pytest
 import yaml
-from prometheus_client import REGISTRY
+from dashboard_helpers import record_arm
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 import nudgeflow
+from nudgeflow.core.dashboard import Samples, summarise
+from nudgeflow.core.metrics import Metrics
+from nudgeflow.core.outcomes import ATTRIBUTED_REASONS
 from nudgeflow.core.settings import Settings
 from nudgeflow.dispatch_api.server import create_app
 
@@ -32,11 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "nudgeflow.json"
 
-# The attribution step's series (issue 13, built on another branch): the panels for
-# conversions and lift read them. While the code does not register them they are
-# checked against these labels; once it does, against the registry like the rest.
+# The series the conversion and lift panels read, with the labels they rely on.
 ATTRIBUTION_SERIES = {
-    "nudgeflow_decided_total": {"rule", "variant", "decision"},
+    "nudgeflow_decided_total": {"rule", "variant", "decision", "reason"},
     "nudgeflow_outcomes_total": {"rule", "variant", "outcome"},
     "nudgeflow_outcome_value_total": {"rule", "variant"},
 }
@@ -139,7 +146,7 @@ def parse_promql(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
             if modifier is not None:
                 if modifier.matching is not None:
                     grouping.update(modifier.matching.labels)
-                grouping.update(modifier.group_labels)
+                grouping.update(modifier.group_labels or ())  # none for `or`, `and`
             walk(node.lhs)
             walk(node.rhs)
         elif isinstance(node, promql_parser.ParenExpr | promql_parser.UnaryExpr
@@ -165,7 +172,7 @@ def test_the_promql_parser_finds_selectors_labels_and_grouping() -> None:
 def test_every_panel_reads_a_series_the_code_registers_by_labels_it_has() -> None:
     registered = registered_series()
     assert "nudgeflow_events_total" in registered  # the import found them
-    known = {**ATTRIBUTION_SERIES, **registered}
+    known = registered
     used: set[str] = set()
     for expr in _expressions():
         selectors, grouping = parse_promql(expr)
@@ -181,11 +188,51 @@ def test_every_panel_reads_a_series_the_code_registers_by_labels_it_has() -> Non
     assert not missing, f"the dashboard shows nothing of {sorted(missing)}"
 
 
-def test_the_attribution_series_once_registered_have_the_labels_the_panels_use() -> None:
+def test_the_attribution_series_are_registered_with_the_labels_the_panels_use() -> None:
     registered = registered_series()
     for name, labels in ATTRIBUTION_SERIES.items():
-        if name in registered:
-            assert registered[name] >= labels, name
+        assert registered.get(name) == labels, name
+
+
+def _matchers(expr: str, name: str) -> list[dict[str, tuple[str, str]]]:
+    """Each selector of `name` in `expr`: label -> (match operator, value)."""
+    found: list[dict[str, tuple[str, str]]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            if node.name == name:
+                found.append({m.name: (str(m.op).rsplit(".", 1)[-1], m.value)
+                              for m in node.matchers.matchers})
+            return
+        for attr in ("vector_selector", "expr", "lhs", "rhs", "param"):
+            child = getattr(node, attr, None)
+            if child is not None:
+                walk(child)
+        for arg in getattr(node, "args", None) or ():
+            walk(arg)
+
+    walk(promql_parser.parse(re.sub(r"\$__\w+", "5m", expr)))
+    return found
+
+
+def test_the_panels_count_only_the_measured_decisions_as_the_report_does() -> None:
+    # `nudgeflow report` measures a trigger that was dispatched or held back as one of
+    # ATTRIBUTED_REASONS (nudgeflow.core.outcomes): a panel dividing by every decision
+    # would count frequency-capped triggers that never reached the experiment.
+    reasons = "|".join(sorted(ATTRIBUTED_REASONS))
+    dispatched = {"decision": ("Equal", "dispatched")}
+    held = {"decision": ("Equal", "suppressed"), "reason": ("Re", reasons)}
+    using = [e for e in _expressions() if "nudgeflow_decided_total" in e]
+    assert using, "no panel reads the decisions"
+    for expr in using:
+        selectors = _matchers(expr, "nudgeflow_decided_total")
+        kinds = []
+        for found in selectors:
+            # Beyond the measured rule, a selector may pick an arm (`variant`).
+            rule = {k: v for k, v in found.items() if k != "variant"}
+            assert rule in (dispatched, held), (found, expr)
+            kinds.append("dispatched" if rule == dispatched else "held")
+        assert kinds.count("dispatched") == kinds.count("held"), expr  # always both
 
 
 def test_prometheus_scrapes_the_flows_health_port(services: dict[str, dict[str, Any]]) -> None:
@@ -254,3 +301,81 @@ def test_monitoring_ports_are_on_loopback_and_data_in_a_named_volume(
     volumes = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["volumes"]
     assert "prometheus-data:/prometheus" in services["prometheus"]["volumes"]
     assert "prometheus-data" in volumes
+
+
+def _promtool() -> str:
+    """Prometheus's promtool: on the PATH, or where scripts/test.sh puts it (the venv)."""
+    venv = str(Path(sys.executable).parent)
+    found = shutil.which("promtool") or shutil.which("promtool", path=venv)
+    if found is None:
+        reason = "promtool missing: scripts/test.sh extracts it from Debian's prometheus"
+        if os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return found
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()) if v) + "}"
+
+
+def test_the_panels_compute_what_the_page_shows(tmp_path: Path) -> None:
+    """Prometheus itself (`promtool test rules`) evaluates the experiment table's PromQL
+    over counters the flow's own `Metrics` recorded; each column must be, to the last
+    bit, what the page's summary (the report's definitions) makes of the same counters."""
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    record_arm(m, "cart", "holdout", suppressed={"holdout": 100, "frequency_cap": 7},
+               converted=10)
+    record_arm(m, "cart", "now", dispatched=180, suppressed={"frequency_cap": 20},
+               converted=27, cart_recovered=12, value_each=40.0)
+    record_arm(m, "cart", "after_1h", dispatched=150, suppressed={"cancelled": 50}, converted=16)
+    record_arm(m, "cart", "late", dispatched=50)  # no conversion: a rate of 0, a lift
+    record_arm(m, "plain", "", dispatched=10, converted=1)  # no experiment: no lift
+    record_arm(m, "r2", "holdout", suppressed={"holdout": 20})  # never converted
+    record_arm(m, "r2", "treatment", dispatched=80, converted=4)
+    record_arm(m, "r3", "holdout", suppressed={"no_channel": 5})  # none measured
+    record_arm(m, "r3", "a", dispatched=10, converted=1)
+    rows = summarise(registry)["experiments"]["variants"]
+
+    # Every counter as a series that went from 0 to its value over the 10 minutes.
+    series = [
+        {"series": name + _labels(labels), "values": f"0 {value!r}"}
+        for name in ("nudgeflow_decided_total", "nudgeflow_outcomes_total",
+                     "nudgeflow_outcome_value_total")
+        for labels, value in Samples(registry).get(name)
+    ]
+    want: dict[str, Callable[[dict[str, Any]], float | None]] = {
+        "measured": lambda r: r["attributed"] or None,  # nothing measured: no series
+        "converted": lambda r: r["outcomes"].get("converted"),
+        "conversion": lambda r: r["conversion_rate"],
+        "lift (pp)": lambda r: None if r["lift"] is None else 100 * r["lift"],
+        "relative lift": lambda r: r["relative_lift"],
+        "cart recovered": lambda r: r["outcomes"].get("cart_recovered"),
+        "revenue": lambda r: r["revenue"] or None,
+    }
+    board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    table = next(p for p in board["panels"] if p["title"].startswith("Conversions and lift"))
+    names = next(t for t in table["transformations"] if t["id"] == "organize")[
+        "options"]["renameByName"]
+    tests: list[dict[str, Any]] = []
+    for target in table["targets"]:
+        column = want[names[f"Value #{target['refId']}"]]
+        expected = [(row, column(row)) for row in rows]
+        tests.append({
+            "expr": target["expr"].replace("$__range", "15m"),
+            "eval_time": "10m",
+            "exp_samples": [
+                {"labels": _labels({"rule": row["rule"], "variant": row["variant"]}),
+                 "value": value}
+                for row, value in expected if value is not None
+            ],
+        })
+    assert len(tests) == len(want)
+    spec = tmp_path / "panels.yml"
+    spec.write_text(yaml.safe_dump({"tests": [{
+        "interval": "10m", "input_series": series, "promql_expr_test": tests,
+    }]}), encoding="utf-8")
+    result = subprocess.run([_promtool(), "test", "rules", str(spec)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -24,6 +24,8 @@ from statsmodels.stats.proportion import (
     proportions_ztest,
 )
 
+from nudgeflow.core.outcomes import lift_of
+
 ALPHA: Final = 0.05
 POWER: Final = 0.8
 
@@ -80,9 +82,10 @@ def compare(converted: int, total: int, base_converted: int, base_total: int) ->
         ))
         needed_arm, needed_base = math.ceil(nobs), math.ceil(nobs * ratio)
         more = max(0, needed_arm - total) + max(0, needed_base - base_total)
+    lift, relative = lift_of(p_arm, p_base)
     return Comparison(
-        lift=p_arm - p_base,
-        relative_lift=(p_arm - p_base) / p_base if p_base > 0 else None,
+        lift=lift,
+        relative_lift=relative,
         ci_low=float(low),
         ci_high=float(high),
         p_value=p_value,

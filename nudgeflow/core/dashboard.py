@@ -14,9 +14,14 @@ carries everything the page shows, computed at one instant.
                 and the share within the 200 ms budget, over all rules and per rule
     timer lag   nudgeflow_timer_lag_seconds: the same percentiles
     dead letters nudgeflow_dead_letters_total by reason
-    experiments nudgeflow_decided_total / nudgeflow_outcomes_total{outcome="converted"}
-                per (rule, variant), lift against the rule's holdout or control variant,
-                nudgeflow_outcome_value_total; absent series mean "no outcomes yet"
+    experiments per (rule, variant), as `nudgeflow report` has them (nudgeflow.app.report):
+                attributed = nudgeflow_decided_total of the measured decisions
+                (`nudgeflow.core.outcomes.attributed`: dispatched, or suppressed as
+                holdout, control or cancelled); converted and cart_recovered from
+                nudgeflow_outcomes_total; conversion = converted / attributed; lift
+                = conversion minus the rule's `holdout` arm's (absolute), relative
+                lift = that over the holdout's (`lift_of`); revenue from
+                nudgeflow_outcome_value_total; no outcome counted yet: "no outcomes yet"
 
 Percentiles follow PromQL's `histogram_quantile`: linear within the bucket
 that holds the rank, the bucket's upper bound capped at the largest finite
@@ -29,18 +34,17 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 
+from nudgeflow.core.outcomes import CONVERTED, HOLDOUT_ARM, attributed, lift_of
 from nudgeflow.core.timeutil import now_ms
 
 __all__ = [
     "BUDGET_S",
-    "CONTROL_VARIANTS",
-    "CONVERTED",
     "PERCENTILES",
     "EventRate",
     "Samples",
@@ -51,9 +55,6 @@ __all__ = [
 BUDGET_S: Final = 0.2  # event to dispatch, the product's promise (and a bucket bound)
 PERCENTILES: Final = (0.5, 0.95, 0.99)
 LATENCY_SINCE: Final = "source_read"
-# The variant a rule's other variants are compared with: its holdout, else one named control.
-CONTROL_VARIANTS: Final = ("holdout", "control")
-CONVERTED: Final = "converted"
 
 _Labels = tuple[tuple[str, str], ...]
 
@@ -183,55 +184,69 @@ def _triggers(samples: Samples) -> list[dict[str, Any]]:
 class _Arm:
     rule: str
     variant: str
-    decided: float
+    attributed: float  # the measured decisions (nudgeflow.core.outcomes.attributed)
     outcomes: dict[str, float]
-    value: float
+    revenue: float
+
+    @property
+    def converted(self) -> float:
+        return self.outcomes.get(CONVERTED, 0.0)
 
     @property
     def rate(self) -> float | None:
-        return self.outcomes.get(CONVERTED, 0.0) / self.decided if self.decided else None
+        return self.converted / self.attributed if self.attributed else None
 
 
-def _control(arms: Sequence[_Arm]) -> _Arm | None:
-    for name in CONTROL_VARIANTS:
-        for arm in arms:
-            if arm.variant == name:
-                return arm
-    return None
+def _measured(samples: Samples) -> dict[tuple[str, str], float]:
+    """`nudgeflow_decided_total` of the measured decisions, by (rule, variant).
+
+    An arm whose decisions were all left unmeasured (a frequency cap, say) is
+    kept with 0, as the report keeps it.
+    """
+    out: dict[tuple[str, str], float] = defaultdict(float)
+    for labels, value in samples.get("nudgeflow_decided_total"):
+        key = (labels.get("rule", ""), labels.get("variant", ""))
+        measured = attributed(labels.get("decision", ""), labels.get("reason"))
+        out[key] += value if measured else 0.0
+    return dict(out)
+
+
+def _comparison(arm: _Arm, baseline: _Arm | None) -> tuple[float | None, float | None]:
+    """(lift, relative lift) against the holdout, when `nudgeflow report` gives them."""
+    if not arm.variant or baseline is None or arm is baseline \
+            or arm.rate is None or baseline.rate is None:
+        return None, None
+    return lift_of(arm.rate, baseline.rate)
 
 
 def _experiments(samples: Samples) -> dict[str, Any]:
-    names = ("nudgeflow_decided_total", "nudgeflow_outcomes_total",
-             "nudgeflow_outcome_value_total")
-    decided = samples.by(names[0], "rule", "variant")
-    outcomes = samples.by(names[1], "rule", "variant", "outcome")
-    values = samples.by(names[2], "rule", "variant")
+    measured = _measured(samples)
+    outcomes = samples.by("nudgeflow_outcomes_total", "rule", "variant", "outcome")
+    revenue = samples.by("nudgeflow_outcome_value_total", "rule", "variant")
     arms_by_rule: dict[str, list[_Arm]] = defaultdict(list)
-    keys = sorted(set(decided) | {(r, v) for r, v, _ in outcomes} | set(values))
+    keys = sorted(set(measured) | {(r, v) for r, v, _ in outcomes} | set(revenue))
     for rule, variant in keys:
         arms_by_rule[rule].append(_Arm(
-            rule, variant, decided.get((rule, variant), 0.0),
+            rule, variant, measured.get((rule, variant), 0.0),
             {o: n for (r, v, o), n in sorted(outcomes.items()) if (r, v) == (rule, variant)},
-            values.get((rule, variant), 0.0),
+            revenue.get((rule, variant), 0.0),
         ))
     rows: list[dict[str, Any]] = []
     for rule in sorted(arms_by_rule):
         arms = arms_by_rule[rule]
-        control = _control(arms)
+        baseline = next((arm for arm in arms if arm.variant == HOLDOUT_ARM), None)
         for arm in arms:
-            lift = None
-            if control is not None and arm is not control and arm.rate is not None \
-                    and control.rate:
-                lift = arm.rate / control.rate - 1.0
+            lift, relative = _comparison(arm, baseline)
             rows.append({
                 "rule": rule,
                 "variant": arm.variant,
-                "control": arm is control,
-                "decided": int(arm.decided),
-                "converted": int(arm.outcomes.get(CONVERTED, 0.0)),
+                "baseline": arm is baseline,
+                "attributed": int(arm.attributed),
+                "converted": int(arm.converted),
                 "conversion_rate": arm.rate,
                 "lift": lift,
-                "value": arm.value,
+                "relative_lift": relative,
+                "revenue": arm.revenue,
                 "outcomes": {o: int(n) for o, n in arm.outcomes.items()},
             })
     return {

@@ -42,6 +42,17 @@ def attributed(decision: str, reason: str | None) -> bool:
     return decision == "dispatched" or reason in ATTRIBUTED_REASONS
 
 
+def lift_of(rate: float, base_rate: float) -> tuple[float, float | None]:
+    """An arm's conversion rate against its holdout's: (absolute, relative) lift.
+
+    Absolute is the difference (0.02 is two percentage points); relative is that
+    over the holdout's rate, None when the holdout never converted. `nudgeflow
+    report` (`nudgeflow.app.lift`) and the live dashboard both take it from here.
+    """
+    lift = rate - base_rate
+    return lift, (lift / base_rate if base_rate > 0 else None)
+
+
 def arm_of(metadata: dict[str, Any]) -> str:
     """The experiment arm a trigger's `metadata.experiment` names; "" without an experiment."""
     experiment = metadata.get("experiment")

@@ -110,6 +110,10 @@ def _count_dead_letter(_step: str, item: tuple[str, DeadLetter]) -> None:
     metrics.record_dead_letter(item[1].reason)
 
 
+def _count_outcome(_step: str, item: tuple[str, EmittedOutcome]) -> None:
+    metrics.record_outcome(item[1].outcome)
+
+
 def input_end(path: Path) -> int | None:
     """The largest `ts` of the valid events of the input: replay decides timers up to it."""
     end: int | None = None
@@ -173,7 +177,7 @@ def build_replay_flow(
     With `dispatch`, dispatched decisions are also sent to it (the demo sends
     them to a dispatch API on loopback); replay itself needs no network. With
     `record_metrics` the run counts in `nudgeflow.core.metrics` as a live one
-    does (events, dead letters, decisions, and latency from each line's read),
+    does (events, dead letters, decisions, outcomes, and latency from each line's read),
     for the demo's dashboard; the output files are the same either way.
     """
     events_path = Path(events)
@@ -218,6 +222,8 @@ def build_replay_flow(
               SortedJsonlSink(dlq_path, _dead_letter_row))
     op.output("triggers_file", op.key_on("out_all", detected.decisions, lambda _: "all"),
               SortedJsonlSink(out_path, _decision_row))
+    if record_metrics:  # as the live flow counts them (`nudgeflow.flows.live.counted_outcome`)
+        op.inspect("count_outcomes", detected.outcomes, _count_outcome)
     if outcomes_path is not None:
         op.output("outcomes_file", op.key_on("outcomes_all", detected.outcomes, lambda _: "all"),
                   SortedJsonlSink(outcomes_path, _outcome_row))

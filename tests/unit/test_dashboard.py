@@ -6,7 +6,7 @@ import math
 
 import httpx
 import pytest
-from dashboard_helpers import attribution_counters
+from dashboard_helpers import record_arm
 from prometheus_client import CollectorRegistry
 
 from nudgeflow.core.dashboard import EventRate, histogram_quantile, summarise
@@ -131,57 +131,85 @@ def test_latency_percentiles_and_budget_share_use_the_source_read_series(
     assert summary["timer_lag"]["p50_ms"] == pytest.approx(875.0)  # (0.75, 1.0], halfway
 
 
-def test_no_outcome_series_means_no_outcomes_yet(registry: CollectorRegistry) -> None:
-    Metrics(registry)
+def test_no_outcome_counted_means_no_outcomes_yet(m: Metrics, registry: CollectorRegistry) -> None:
     assert summarise(registry)["experiments"] == {"available": False, "variants": []}
-    # Registered by the attribution step, but nothing measured yet: still none.
-    decided, _, _ = attribution_counters(registry)
-    decided.labels("cart_abandonment", "holdout", "suppressed").inc(3)
+    # Decided, but nothing converted yet: still none, the arm's triggers counted.
+    record_arm(m, "cart_abandonment", "holdout", suppressed={"holdout": 3})
     experiments = summarise(registry)["experiments"]
     assert experiments["available"] is False
-    assert experiments["variants"][0]["decided"] == 3
+    assert experiments["variants"][0]["attributed"] == 3
 
 
-def test_lift_is_each_variants_conversion_rate_against_the_holdout(
-    registry: CollectorRegistry,
+def test_an_arms_measured_triggers_are_those_the_report_measures(
+    m: Metrics, registry: CollectorRegistry
 ) -> None:
-    decided, outcomes, value = attribution_counters(registry)
-    decided.labels("cart_abandonment", "holdout", "suppressed").inc(100)
-    decided.labels("cart_abandonment", "immediate", "dispatched").inc(180)
-    decided.labels("cart_abandonment", "immediate", "suppressed").inc(20)  # frequency cap
-    decided.labels("cart_abandonment", "one-hour", "dispatched").inc(200)
-    outcomes.labels("cart_abandonment", "holdout", "converted").inc(10)
-    outcomes.labels("cart_abandonment", "immediate", "converted").inc(30)
-    outcomes.labels("cart_abandonment", "immediate", "expired").inc(170)
-    outcomes.labels("cart_abandonment", "one-hour", "converted").inc(16)
-    value.labels("cart_abandonment", "immediate").inc(1234.5)
+    # Dispatched, held back (holdout, control) or cancelled count; what never reached
+    # the experiment (a cap, a duplicate, no channel) does not (nudgeflow.core.outcomes).
+    record_arm(m, "cart_abandonment", "after_1h", dispatched=50,
+               suppressed={"cancelled": 10, "frequency_cap": 30, "duplicate": 5,
+                           "no_channel": 5}, converted=6)
+    record_arm(m, "cart_abandonment", "holdout",
+               suppressed={"holdout": 40, "control": 2, "frequency_cap": 8}, converted=3)
+    rows = {r["variant"]: r for r in summarise(registry)["experiments"]["variants"]}
+    assert rows["after_1h"]["attributed"] == 60
+    assert rows["after_1h"]["conversion_rate"] == pytest.approx(0.10)
+    assert rows["holdout"]["attributed"] == 42
+    assert rows["holdout"]["conversion_rate"] == pytest.approx(3 / 42)
+
+
+def test_lift_is_absolute_and_relative_against_the_holdout(
+    m: Metrics, registry: CollectorRegistry
+) -> None:
+    rule = "cart_abandonment"
+    record_arm(m, rule, "holdout", suppressed={"holdout": 100}, converted=10)
+    record_arm(m, rule, "now", dispatched=180, suppressed={"frequency_cap": 20},
+               converted=27, cart_recovered=12, value_each=40.0)
+    record_arm(m, rule, "after_1h", dispatched=200, converted=16)
     experiments = summarise(registry)["experiments"]
     assert experiments["available"] is True
     rows = {row["variant"]: row for row in experiments["variants"]}
-    assert rows["holdout"]["control"] is True
+    assert rows["holdout"]["baseline"] is True
     assert rows["holdout"]["conversion_rate"] == pytest.approx(0.10)
-    assert rows["holdout"]["lift"] is None
-    assert rows["immediate"]["decided"] == 200
-    assert rows["immediate"]["conversion_rate"] == pytest.approx(0.15)
-    assert rows["immediate"]["lift"] == pytest.approx(0.5)  # 15% against 10%
-    assert rows["immediate"]["outcomes"] == {"converted": 30, "expired": 170}
-    assert rows["immediate"]["value"] == pytest.approx(1234.5)
-    assert rows["one-hour"]["lift"] == pytest.approx(-0.2)  # 8% against 10%
+    assert rows["holdout"]["lift"] is None and rows["holdout"]["relative_lift"] is None
+    now = rows["now"]
+    assert now["baseline"] is False
+    assert now["attributed"] == 180  # the capped 20 are not measured
+    assert now["conversion_rate"] == pytest.approx(0.15)
+    assert now["lift"] == pytest.approx(0.05)  # 15% against 10%: 5 percentage points
+    assert now["relative_lift"] == pytest.approx(0.5)
+    assert now["outcomes"] == {"converted": 27, "cart_recovered": 12}
+    assert now["revenue"] == pytest.approx(27 * 40.0)
+    assert rows["after_1h"]["lift"] == pytest.approx(-0.02)  # 8% against 10%
+    assert rows["after_1h"]["relative_lift"] == pytest.approx(-0.2)
 
 
-def test_without_a_holdout_a_control_variant_is_the_baseline_and_else_there_is_no_lift(
-    registry: CollectorRegistry,
+def test_a_holdout_that_never_converted_has_a_lift_but_no_relative_one(
+    m: Metrics, registry: CollectorRegistry
 ) -> None:
-    decided, outcomes, _ = attribution_counters(registry)
-    for variant, converted in (("control", 5), ("fast", 10)):
-        decided.labels("r1", variant, "dispatched").inc(50)
-        outcomes.labels("r1", variant, "converted").inc(converted)
-    decided.labels("r2", "a", "dispatched").inc(10)
-    outcomes.labels("r2", "a", "converted").inc(1)
+    record_arm(m, "r", "holdout", suppressed={"holdout": 20})
+    record_arm(m, "r", "treatment", dispatched=80, converted=4)
+    rows = {r["variant"]: r for r in summarise(registry)["experiments"]["variants"]}
+    assert rows["treatment"]["lift"] == pytest.approx(0.05)
+    assert rows["treatment"]["relative_lift"] is None
+
+
+def test_only_the_holdout_is_a_baseline_as_in_the_report(
+    m: Metrics, registry: CollectorRegistry
+) -> None:
+    # A variant named "control" is an arm like any other: `nudgeflow report`
+    # compares with the holdout alone, so without one there is no lift.
+    record_arm(m, "r1", "control", dispatched=50, converted=5)
+    record_arm(m, "r1", "fast", dispatched=50, converted=10)
+    record_arm(m, "r2", "", dispatched=10, converted=1)  # no experiment
+    record_arm(m, "r3", "holdout", suppressed={"frequency_cap": 5})  # none measured
+    record_arm(m, "r3", "a", dispatched=10, converted=1)
     rows = {(r["rule"], r["variant"]): r for r in summarise(registry)["experiments"]["variants"]}
-    assert rows[("r1", "fast")]["lift"] == pytest.approx(1.0)
-    assert rows[("r2", "a")]["lift"] is None
-    assert rows[("r2", "a")]["control"] is False
+    for key in (("r1", "control"), ("r1", "fast"), ("r2", ""), ("r3", "a")):
+        assert rows[key]["lift"] is None, key
+    assert not any(rows[key]["baseline"] for key in (("r1", "control"), ("r1", "fast"), ("r2", "")))
+    assert rows[("r2", "")]["conversion_rate"] == pytest.approx(0.1)
+    assert rows[("r3", "holdout")]["attributed"] == 0
+    assert rows[("r3", "holdout")]["conversion_rate"] is None
 
 
 def test_the_health_server_serves_the_page_its_script_and_the_summary(

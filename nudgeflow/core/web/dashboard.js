@@ -9,6 +9,8 @@ const count = (n) => (n === null || n === undefined ? DASH : Math.round(n).toLoc
 const ms = (n) => (n === null || n === undefined ? DASH : `${n.toFixed(1)} ms`);
 const pct = (x) => (x === null || x === undefined ? DASH : `${(x * 100).toFixed(1)}%`);
 const signedPct = (x) => (x === null || x === undefined ? DASH : `${x >= 0 ? "+" : ""}${(x * 100).toFixed(1)}%`);
+// An absolute lift, in percentage points, as `nudgeflow report` prints it.
+const points = (x) => (x === null || x === undefined ? DASH : `${x >= 0 ? "+" : ""}${(x * 100).toFixed(2)} pp`);
 const rate = (x) => (x === null || x === undefined ? DASH : x.toFixed(1));
 const money = (x) => (x === null || x === undefined ? DASH : x.toFixed(2));
 const pairs = (obj) => Object.entries(obj).map(([k, v]) => `${k} ${count(v)}`).join(", ");
@@ -101,12 +103,13 @@ function render(s) {
   const ex = s.experiments;
   fillRows("experiments", ex.variants, ["rule", "variant"], [
     ["rule", (r) => r.rule, "text"],
-    ["variant", (r) => r.variant + (r.control ? " (control)" : ""), "text"],
-    ["decided", (r) => count(r.decided)],
+    ["variant", (r) => (r.variant || "(no experiment)") + (r.baseline ? " (baseline)" : ""), "text"],
+    ["measured", (r) => count(r.attributed)],
     ["converted", (r) => count(r.converted)],
     ["conversion", (r) => pct(r.conversion_rate)],
-    ["lift", (r) => (r.control ? "" : signedPct(r.lift))],
-    ["value", (r) => money(r.value)],
+    ["lift", (r) => (r.baseline ? "" : points(r.lift))],
+    ["relative", (r) => (r.baseline ? "" : signedPct(r.relative_lift))],
+    ["revenue", (r) => money(r.revenue)],
     ["outcomes", (r) => pairs(r.outcomes) || DASH, "text"],
   ]);
   showEmpty("experiments-empty", null, !ex.available);
