@@ -16,6 +16,8 @@
    - `flow_default_1w`: the full live flow, default rules, 1 worker, against the
      reference dispatch API (`nudgeflow.bench.flowproc`, drain mode);
    - `flow_cart_1w`: the same with a rules file holding only `cart_abandonment`;
+   - `flow_no_intent_1w`: the default rules less `high_intent` (what scoring the
+     intent model costs the flow);
    - `flow_instant_api_1w` / `flow_slow_api_1w`: the default flow against the
      bench's loopback API (`nudgeflow.bench.slow_api`) answering at once / after
      `slow_api_delay_ms`: `slow_api_ratio`;
@@ -321,10 +323,20 @@ def _cart_rules(workdir: Path) -> Path:
     return path
 
 
+def _rules_without_intent(workdir: Path) -> Path:
+    """The packaged rules file less its `high_intent` rules."""
+    data = yaml.safe_load(DEFAULT_RULES.read_text())
+    data["rules"] = [rule for rule in data["rules"] if rule.get("kind") != "high_intent"]
+    path = workdir / "rules-no-intent.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_rules(path)  # checked as the flow will check it
+    return path
+
+
 # The throughput set-ups of a round, in the order of round 1.
 _SETUPS: Final = ("ceiling_plain", "ceiling_bytewax", "flow_default_1w", "flow_cart_1w",
-                  "flow_instant_api_1w", "flow_slow_api_1w", "flow_default_2p_1p",
-                  "flow_default_2p_4p")
+                  "flow_no_intent_1w", "flow_instant_api_1w", "flow_slow_api_1w",
+                  "flow_default_2p_1p", "flow_default_2p_4p")
 
 
 def _throughput(run: _Run, topics: dict[str, Any], api_url: str) -> dict[str, Any]:
@@ -345,6 +357,7 @@ def _throughput(run: _Run, topics: dict[str, Any], api_url: str) -> dict[str, An
     if config.max_seconds is not None:
         timeout_s = min(timeout_s, 120.0 + 2 * config.max_seconds)
     cart = replace(base, rules=str(_cart_rules(run.workdir)))
+    no_intent = replace(base, rules=str(_rules_without_intent(run.workdir)))
     setups = [name for name in _SETUPS if config.multi_process or "_2p_" not in name]
     eps: dict[str, list[float]] = {name: [] for name in setups}
     events: dict[str, list[int]] = {name: [] for name in setups if name.startswith("flow")}
@@ -353,6 +366,7 @@ def _throughput(run: _Run, topics: dict[str, Any], api_url: str) -> dict[str, An
         jobs: dict[str, tuple[FlowJob, int]] = {
             "flow_default_1w": (base, 1),
             "flow_cart_1w": (cart, 1),
+            "flow_no_intent_1w": (no_intent, 1),
             "flow_instant_api_1w": (replace(base, api_url=instant.url), 1),
             "flow_slow_api_1w": (replace(base, api_url=slow.url), 1),
             "flow_default_2p_1p": (base, 2),
@@ -801,6 +815,7 @@ def _summary(config: BenchConfig, machine: dict[str, Any], started_at: datetime,
         "events_per_s": {
             "flow_default_1w": flow,
             "flow_cart_1w": tp["flow_cart_1w"]["median"],
+            "flow_no_intent_1w": tp["flow_no_intent_1w"]["median"],
             "ceiling_plain": ceiling,
             "ceiling_bytewax": tp["ceiling_bytewax"]["median"],
         },

@@ -116,6 +116,7 @@ _THROUGHPUT_ROWS = (
     ("ceiling_bytewax", "ceiling: bytewax, keyed stateful_map counter, whole topic (events/s)"),
     ("flow_default_1w", "flow, default rules, 1 worker (events/s)"),
     ("flow_cart_1w", "flow, cart_abandonment only, 1 worker (events/s)"),
+    ("flow_no_intent_1w", "flow, default rules less high_intent, 1 worker (events/s)"),
     ("flow_instant_api_1w", "flow, default rules, instant loopback API (events/s)"),
     ("flow_slow_api_1w", "flow, default rules, {delay} ms loopback API (events/s)"),
     ("flow_default_2p_1p", "flow, 2 processes, 1 partition (events/s)"),

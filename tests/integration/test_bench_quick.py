@@ -63,17 +63,17 @@ def test_a_smoke_bench_writes_every_field(
 
     # Throughput: every set-up once per round, on the same topic.
     events_per_s = result["events_per_s"]
-    assert set(events_per_s) == {"flow_default_1w", "flow_cart_1w", "ceiling_plain",
-                                 "ceiling_bytewax"}
+    assert set(events_per_s) == {"flow_default_1w", "flow_cart_1w", "flow_no_intent_1w",
+                                 "ceiling_plain", "ceiling_bytewax"}
     for name, value in events_per_s.items():
         assert _positive(value), (name, result["throughput"])
     assert events_per_s["flow_default_1w"] == result["throughput_eps"]
     assert events_per_s["ceiling_plain"] == result["ceiling_eps"]
     for name in ("ceiling_plain", "ceiling_bytewax", "flow_default_1w", "flow_cart_1w",
-                 "flow_instant_api_1w", "flow_slow_api_1w"):
+                 "flow_no_intent_1w", "flow_instant_api_1w", "flow_slow_api_1w"):
         _spread_ok(result["throughput"][name], 1)
-    for name in ("flow_default_1w", "flow_cart_1w", "flow_instant_api_1w",
-                 "flow_slow_api_1w"):
+    for name in ("flow_default_1w", "flow_cart_1w", "flow_no_intent_1w",
+                 "flow_instant_api_1w", "flow_slow_api_1w"):
         read = result["events_read"][name]["median"]
         assert 0 < read <= result["stream"]["messages"]
     # Ratios are per round, then the median of the rounds.
