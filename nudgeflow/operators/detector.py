@@ -22,7 +22,8 @@ cancelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from nudgeflow.core.events import EVENT_TYPES, Event
@@ -32,7 +33,7 @@ from nudgeflow.core.rules import RulesConfig
 from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
 from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
-from nudgeflow.operators.cart import Cart
+from nudgeflow.operators.cart import EMPTY_CART, Cart
 from nudgeflow.operators.event_time import Admission, Admit, TimerQueue
 from nudgeflow.operators.internal import DelayedSendsLogic, SessionsLogic
 from nudgeflow.operators.rule_logic import (
@@ -50,27 +51,106 @@ from nudgeflow.operators.tumbling import TumblingCounter
 Trace = list[tuple[int, str, str]]
 
 
-@dataclass(slots=True)
 class UserState:
-    """Everything nudgeflow keeps for one user. Data only: the logic is `Detector`."""
+    """Everything nudgeflow keeps for one user. Data only: the logic is `Detector`.
 
-    user_id: str
-    admission: Admission
-    cart: Cart
-    sessions: SessionTracker
-    timers: TimerQueue
-    # rule name -> that rule's state for this user (absent until the rule first needs one)
-    rule_states: dict[str, Any] = field(default_factory=dict)
-    policy: PolicyState = field(default_factory=PolicyState)
-    # trigger_id -> (provisional decision, rule name) of delayed sends not yet due
-    pending_sends: dict[str, tuple[Decision, str]] = field(default_factory=dict)
-    profile: Profile = NO_PROFILE
-    pruned_at: int | None = None
-    # S0: the stream clock just after the user's latest applied event (None: no stream clock)
-    stream_at: int | None = None
-    # events per hour and per day (tumbling, event time): features for an intent model
-    hourly: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_HOUR))
-    daily: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_DAY))
+    Held for every active user, so it is kept small (ARCHITECTURE.md "Per-user
+    state"): what most users do not need (a cart, delayed sends, policy memory)
+    is None until first needed and read through a shared empty stand-in.
+    """
+
+    __slots__ = (
+        "_cart", "_pending", "_policy", "admission", "daily", "hourly", "profile", "pruned_at",
+        "rule_states", "sessions", "stream_at", "timers", "user_id",
+    )
+
+    def __init__(
+        self,
+        user_id: str,
+        admission: Admission,
+        sessions: SessionTracker,
+        timers: TimerQueue,
+        *,
+        cart: Cart | None = None,
+        rule_states: dict[str, Any] | None = None,
+        policy: PolicyState | None = None,
+        pending_sends: dict[str, tuple[Decision, str]] | None = None,
+        profile: Profile = NO_PROFILE,
+        pruned_at: int | None = None,
+        stream_at: int | None = None,
+        hourly: TumblingCounter | None = None,
+        daily: TumblingCounter | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.admission = admission
+        self._cart = None if cart is None or cart.empty else cart
+        self.sessions = sessions
+        self.timers = timers
+        # rule name -> that rule's state for this user (absent until the rule first needs one)
+        self.rule_states: dict[str, Any] = {} if rule_states is None else rule_states
+        self._policy = None if policy is None or policy.empty else policy
+        # trigger_id -> (provisional decision, rule name) of delayed sends not yet due
+        self._pending = pending_sends or None
+        self.profile = profile
+        self.pruned_at = pruned_at
+        # S0: the stream clock just after the user's latest applied event (None: no stream clock)
+        self.stream_at = stream_at
+        # events per hour and per day (tumbling, event time): features for an intent model
+        self.hourly = TumblingCounter(MS_PER_HOUR) if hourly is None else hourly
+        self.daily = TumblingCounter(MS_PER_DAY) if daily is None else daily
+
+    @property
+    def cart(self) -> Cart:
+        """The user's cart (read it; change it through `cart_to_change`)."""
+        return EMPTY_CART if self._cart is None else self._cart
+
+    def cart_to_change(self) -> Cart:
+        if self._cart is None:
+            self._cart = Cart()
+        return self._cart
+
+    def cart_changed(self) -> None:
+        """Called after a change: an emptied cart is dropped, not kept empty."""
+        if self._cart is not None and self._cart.empty:
+            self._cart = None
+
+    @property
+    def policy(self) -> PolicyState:
+        """What the policies remember of the user, created when first asked for (to change)."""
+        if self._policy is None:
+            self._policy = PolicyState()
+        return self._policy
+
+    @property
+    def policy_empty(self) -> bool:
+        return self._policy is None or self._policy.empty
+
+    def prune_policy(self, watermark: int) -> None:
+        if self._policy is not None:
+            self._policy.prune(watermark)
+            if self._policy.empty:
+                self._policy = None
+
+    @property
+    def pending_sends(self) -> Mapping[str, tuple[Decision, str]]:
+        """trigger_id -> (provisional decision, rule name) of delayed sends not yet due."""
+        return _NO_SENDS if self._pending is None else self._pending
+
+    def hold_send(self, trigger_id: str, decision: Decision, rule: str) -> None:
+        if self._pending is None:
+            self._pending = {}
+        self._pending[trigger_id] = (decision, rule)
+
+    def drop_send(self, trigger_id: str) -> tuple[Decision, str] | None:
+        if self._pending is None:
+            return None
+        held = self._pending.pop(trigger_id, None)
+        if not self._pending:
+            self._pending = None
+        return held
+
+
+_NO_SENDS: Mapping[str, tuple[Decision, str]] = MappingProxyType({})
 
 
 class Step:
@@ -203,7 +283,6 @@ class Detector:
         return UserState(
             user_id=user_id,
             admission=Admission(self.lateness, self.dedup_retention),
-            cart=Cart(),
             sessions=SessionTracker(self.session_gap),
             timers=TimerQueue(),
         )
@@ -321,7 +400,7 @@ class Detector:
             and not user.pending_sends
             and user.sessions.open_sessions == 0
             and user.admission.remembered == 0
-            and user.policy.empty
+            and user.policy_empty
             and all(logic.state_empty(user.rule_states.get(logic.name)) for logic in self.logics)
         )
 
@@ -349,11 +428,14 @@ class Detector:
             return
         user.pruned_at = watermark
         user.admission.prune(watermark)
-        user.policy.prune(watermark)
+        user.prune_policy(watermark)
+        states = user.rule_states
         for logic in self.logics:
-            state = user.rule_states.get(logic.name)
+            state = states.get(logic.name)
             if state is not None:
                 logic.prune(state, watermark)
+                if logic.state_empty(state):  # as good as new: new_state() makes it again
+                    del states[logic.name]
 
     def features(self, user: UserState, at: int) -> dict[str, int]:
         """Per-user activity features at event time `at` (tumbling hour and day counts)."""
@@ -369,13 +451,14 @@ class Detector:
         user.hourly.add(event.ts)
         user.daily.add(event.ts)
         kind = event.type
-        cart = user.cart
         if kind == "add_to_cart":
-            cart.add(event.product_id or "", event.qty, event.price)
-        elif kind == "remove_from_cart":
-            cart.remove(event.product_id or "", event.qty)
-        elif kind == "purchase":
-            cart.clear()
+            user.cart_to_change().add(event.product_id or "", event.qty, event.price)
+        elif kind == "remove_from_cart" and not user.cart.empty:
+            user.cart.remove(event.product_id or "", event.qty)
+            user.cart_changed()
+        elif kind == "purchase" and not user.cart.empty:
+            user.cart.clear()
+            user.cart_changed()
         session = self.sessions.place(step, event) if self._uses_sessions else None
         if user.pending_sends:
             self.sends.on_event(step, event, session)

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from nudgeflow.core.errors import ConfigError
 from nudgeflow.core.policies import PolicyState
-from nudgeflow.core.profiles import Profile
+from nudgeflow.core.profiles import make_profile
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.cart import Cart
 from nudgeflow.operators.detector import Detector, UserState
@@ -68,10 +68,12 @@ def dump_user(detector: Detector, user: UserState) -> dict[str, Any]:
         "sessions": user.sessions.to_data(),
         "timers": user.timers.to_data(),
         "rules": rules,
-        "policy": (dict(user.policy.recent_ids), list(user.policy.dispatched)),
+        "policy": ({}, []) if user.policy_empty else
+                  (dict(user.policy.recent_ids), list(user.policy.dispatched)),
         "pending_sends": [(tid, decision.to_data(), rule)
                           for tid, (decision, rule) in user.pending_sends.items()],
-        "profile": dataclasses.astuple(user.profile),
+        "profile": (user.profile.segment, user.profile.opt_in, user.profile.timezone,
+                    user.profile.name),
         "pruned_at": user.pruned_at,
         "stream_at": user.stream_at,
         "hourly": dataclasses.astuple(user.hourly),
@@ -107,7 +109,7 @@ def load_user(detector: Detector, data: dict[str, Any]) -> UserState:
         rule_states=rule_states,
         policy=PolicyState(dict(data["policy"][0]), list(data["policy"][1])),
         pending_sends=pending,
-        profile=Profile(*data["profile"]),
+        profile=make_profile(*data["profile"]),
         pruned_at=data["pruned_at"],
         stream_at=data["stream_at"],
         hourly=TumblingCounter(*data["hourly"]),

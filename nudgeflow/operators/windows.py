@@ -6,6 +6,7 @@ check can see, so a scope that goes quiet costs nothing once time moves on.
 
 from __future__ import annotations
 
+import sys
 from array import array
 from bisect import bisect_left, insort
 
@@ -28,7 +29,8 @@ class SlidingCounter:
     def add(self, scope: str, ts: int) -> None:
         times = self._times.get(scope)
         if times is None:
-            self._times[scope] = ts
+            # Interned: scopes (product ids, urls) repeat across users.
+            self._times[sys.intern(scope)] = ts
         elif isinstance(times, int):
             self._times[scope] = array("q", sorted((times, ts)))
         elif times[-1] <= ts:
@@ -70,11 +72,11 @@ class SlidingCounter:
         counter = cls()
         for scope, times in data.items():
             if isinstance(times, int):
-                counter._times[scope] = times
+                counter._times[sys.intern(scope)] = times
             else:
                 restored = array("q")
                 restored.frombytes(times)
-                counter._times[scope] = restored
+                counter._times[sys.intern(scope)] = restored
         return counter
 
     @property
@@ -94,30 +96,40 @@ class Cooldowns:
 
     def __init__(self, cooldown_ms: int) -> None:
         self.cooldown_ms = cooldown_ms
-        self._last: dict[str, int] = {}
+        # None until the first firing: most rules of most users never fire.
+        self._last: dict[str, int] | None = None
 
     def blocked(self, scope: str, at: int) -> bool:
+        if self._last is None:
+            return False
         last = self._last.get(scope)
         return last is not None and at < last + self.cooldown_ms
 
     def record(self, scope: str, fired_at: int) -> None:
+        if self._last is None:
+            self._last = {}
         last = self._last.get(scope)
         if last is None or fired_at > last:
-            self._last[scope] = fired_at
+            self._last[sys.intern(scope)] = fired_at
 
     def prune(self, horizon: int) -> None:
         """Forget cooldowns that reopened before `horizon`: no future check can be blocked."""
+        if self._last is None:
+            return
         expired = [s for s, last in self._last.items() if last + self.cooldown_ms <= horizon]
         for scope in expired:
             del self._last[scope]
+        if not self._last:
+            self._last = None
 
     def to_data(self) -> dict[str, int]:
-        return dict(self._last)
+        return {} if self._last is None else dict(self._last)
 
     @classmethod
     def from_data(cls, cooldown_ms: int, data: dict[str, int]) -> Cooldowns:
         cooldowns = cls(cooldown_ms)
-        cooldowns._last.update(data)
+        if data:
+            cooldowns._last = {sys.intern(scope): last for scope, last in data.items()}
         return cooldowns
 
     @property
