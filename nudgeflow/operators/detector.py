@@ -203,6 +203,10 @@ class Step:
             value = states[logic.name] = logic.new_state()
         return value
 
+    def set_state(self, logic: RuleLogic, value: Any) -> None:
+        """Replace the rule's state for this user (for a state that is an immutable value)."""
+        self.user.rule_states[logic.name] = value
+
     def has_timer(self, logic: RuleLogic) -> bool:
         return self.user.timers.get(logic.name) is not None
 

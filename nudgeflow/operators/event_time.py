@@ -15,14 +15,13 @@ epoch milliseconds of event time. The rules it implements are TRIGGERS.md
 
 from __future__ import annotations
 
-import struct
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from hashlib import blake2b
 from typing import Final
 
+from nudgeflow.core import digests
+from nudgeflow.core.digests import digest64
 from nudgeflow.core.timeutil import MS_PER_DAY
 
 DEDUP_SPAN_MS: Final = MS_PER_DAY
@@ -36,25 +35,9 @@ class Admit(Enum):
     LATE = "late"
 
 
-def id_digest(event_id: str) -> bytes:
-    """A stable 8-byte hash of an `event_id` (stable across processes and restarts).
-
-    Remembering 8-byte hashes instead of the id strings cuts the dedup memory
-    several times; a false duplicate needs a 64-bit collision among one user's
-    ids of the last days, about 1e-15 for a thousand ids (ARCHITECTURE.md
-    "Per-user state").
-    """
-    return blake2b(event_id.encode(), digest_size=8).digest()
-
-
 def id_hash(event_id: str) -> int:
-    """`id_digest` as a signed 64-bit integer (what snapshots hold)."""
-    return int.from_bytes(id_digest(event_id), "big", signed=True)
-
-
-# One remembered event: its id's digest, then its ts (big-endian, signed).
-_RECORD: Final = 16
-_TS: Final = struct.Struct(">q")
+    """The digest of an `event_id` as a signed 64-bit integer (what snapshots hold)."""
+    return int.from_bytes(digest64(event_id), "big", signed=True)
 
 
 class Admission:
@@ -64,9 +47,8 @@ class Admission:
     watermark is that far past its `ts`. Only a *late* repeat older than that
     is affected (it is then counted late instead of duplicate); anything at or
     above the watermark is more than 24 h from a forgotten occurrence anyway
-    as long as `retention_ms` >= 24 h. Seen ids are kept in one `bytearray` of
-    16-byte records (id digest, ts): 16 bytes an event, one small header per
-    user, and a lookup that is a C `find` over the bytes, creating no objects.
+    as long as `retention_ms` >= 24 h. Seen ids are (id digest, ts) records
+    (`core.digests`): 16 bytes an event, in one `bytearray` per user.
     """
 
     __slots__ = ("_seen", "lateness_ms", "max_ts", "retention_ms")
@@ -86,35 +68,21 @@ class Admission:
 
     def admit(self, event_id: str, ts: int) -> Admit:
         """Classify an arriving event and, when it is applied, remember it and move time."""
-        digest = id_digest(event_id)
-        index = self._find(digest)
+        digest = digest64(event_id)
         seen = self._seen
-        if index >= 0 and abs(ts - _TS.unpack_from(seen, index + 8)[0]) <= DEDUP_SPAN_MS:
+        index = digests.find(seen, digest)
+        if index >= 0 and abs(ts - digests.time_at(seen, index)) <= DEDUP_SPAN_MS:
             return Admit.DUPLICATE
         watermark = self.watermark
         if watermark is not None and ts < watermark:
             return Admit.LATE
         if index >= 0:  # a new occurrence replaces the one remembered
-            _TS.pack_into(seen, index + 8, ts)
+            digests.set_time(seen, index, ts)
         else:
-            seen += digest
-            seen += _TS.pack(ts)
+            digests.append(seen, digest, ts)
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
         return Admit.APPLY
-
-    def _find(self, digest: bytes) -> int:
-        """The offset of the record of `digest`, or -1."""
-        seen = self._seen
-        index = seen.find(digest)
-        while index >= 0 and index % _RECORD:
-            index = seen.find(digest, index + 1)  # matched across two fields: look on
-        return index
-
-    def _records(self) -> Iterator[tuple[bytes, int]]:
-        seen = self._seen
-        for offset in range(0, len(seen), _RECORD):
-            yield bytes(seen[offset:offset + 8]), _TS.unpack_from(seen, offset + 8)[0]
 
     def prune(self, watermark: int | None = None) -> None:
         """Forget ids whose `ts` is `retention_ms` behind `watermark` (default: `c - L`)."""
@@ -122,24 +90,18 @@ class Admission:
             watermark = self.watermark
         if watermark is None or not self._seen:
             return
-        horizon = watermark - self.retention_ms
-        records = list(self._records())
-        if min(ts for _, ts in records) < horizon:
-            kept = bytearray()
-            for digest, ts in records:
-                if ts >= horizon:
-                    kept += digest
-                    kept += _TS.pack(ts)
+        kept = digests.kept_since(self._seen, watermark - self.retention_ms)
+        if kept is not None:
             self._seen = kept
 
     @property
     def remembered(self) -> int:
-        return len(self._seen) // _RECORD
+        return len(self._seen) // digests.RECORD
 
     def to_data(self) -> tuple[int | None, bytes, bytes]:
         """(max_ts, id hashes, their ts): two native arrays of signed 64-bit integers."""
         ids, times = array("q"), array("q")
-        for digest, ts in self._records():
+        for digest, ts in digests.each(self._seen):
             ids.append(int.from_bytes(digest, "big", signed=True))
             times.append(ts)
         return self.max_ts, ids.tobytes(), times.tobytes()
@@ -155,15 +117,14 @@ class Admission:
         times.frombytes(data[2])
         seen = admission._seen
         for key, ts in zip(ids, times, strict=True):
-            seen += key.to_bytes(8, "big", signed=True)
-            seen += _TS.pack(ts)
+            digests.append(seen, key.to_bytes(8, "big", signed=True), ts)
         return admission
 
     def expires_at(self) -> int | None:
         """The `max_ts` at which every remembered id is forgotten."""
         if not self._seen:
             return None
-        return max(ts for _, ts in self._records()) + self.retention_ms + self.lateness_ms
+        return max(ts for _, ts in digests.each(self._seen)) + self.retention_ms + self.lateness_ms
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -198,7 +159,9 @@ class TimerQueue:
     def set(self, rule: str, rule_order: int, key: str, deadline: int) -> None:
         timer = Timer(deadline, rule_order, key, rule)
         index = self._index(rule, key)
-        if index < 0:
+        if not self._timers:
+            self._timers = [timer]  # exactly one slot: an append would reserve four
+        elif index < 0:
             self._timers.append(timer)
         else:
             self._timers[index] = timer

@@ -58,7 +58,7 @@ class SessionsLogic(Logic):
             and event.product_id is not None
             and event.product_id not in session.products
         ):
-            session.products.append(sys.intern(event.product_id))
+            session.products += (sys.intern(event.product_id),)
         # An ended session keeps the close timer it had; the current one's moves with it.
         # Interned keys: every user's first sessions are "0", "1", ...
         key = sys.intern(str(session.index))

@@ -13,7 +13,7 @@ We do not use bytewax's `SessionWindower`: its state is never freed (#577).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -27,8 +27,9 @@ class Session:
     events: int = 0
     # bit i set: session matcher i (declared by the rules) was hit by some event
     matched: int = 0
-    # product ids viewed, first view first (browse_abandonment's metadata)
-    products: list[str] = field(default_factory=list)
+    # product ids viewed, first view first (browse_abandonment's metadata); a tuple, as
+    # sessions view few products: no spare slots, and no list at all while there is none
+    products: tuple[str, ...] = ()
 
     def close_at(self, gap_ms: int) -> int:
         return self.latest_ts + gap_ms
@@ -40,7 +41,7 @@ class Session:
     @classmethod
     def from_data(cls, data: tuple[int, int, int, int, int, list[str]]) -> Session:
         index, start, latest, events, matched, products = data
-        return cls(index, start, latest, events, matched, [sys.intern(p) for p in products])
+        return cls(index, start, latest, events, matched, tuple(sys.intern(p) for p in products))
 
 
 class SessionTracker:
