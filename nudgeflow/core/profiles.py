@@ -59,6 +59,30 @@ def make_profile(
     )
 
 
+# (segment, opt-ins, zone) -> the one `Profile` every user with those holds; bounded, since
+# segments are free text: past the bound a profile is held on its own.
+_HELD: dict[tuple[str, tuple[Channel, ...], str | None], Profile] = {}
+_HELD_MAX: Final = 10_000
+
+
+def held_profile(profile: Profile) -> Profile:
+    """The profile as a user's detection state holds it: what detection reads, shared.
+
+    Detection and the policies read the segment, the opt-ins and the time zone;
+    the name is for messages, which read the profile store when they render.
+    So the held profile has no name, and users alike share one object.
+    """
+    if profile is NO_PROFILE:
+        return profile
+    key = (profile.segment, profile.opt_in, profile.timezone)
+    held = _HELD.get(key)
+    if held is None:
+        held = make_profile(profile.segment, profile.opt_in, profile.timezone, None)
+        if len(_HELD) < _HELD_MAX:
+            _HELD[key] = held
+    return held
+
+
 def profile_from_mapping(data: Mapping[str, Any]) -> Profile:
     """A profile from a JSON object or a Redis hash (whose values are all strings).
 

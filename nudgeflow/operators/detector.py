@@ -28,7 +28,7 @@ from typing import Any
 
 from nudgeflow.core.events import EVENT_TYPES, Event
 from nudgeflow.core.policies import Policies, PolicyState
-from nudgeflow.core.profiles import NO_PROFILE, Profile
+from nudgeflow.core.profiles import NO_PROFILE, Profile, held_profile
 from nudgeflow.core.rules import RulesConfig
 from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
@@ -309,7 +309,7 @@ class Detector:
         the stream clock stands in for it (the user's clock without one).
         """
         if profile is not None:
-            user.profile = profile
+            user.profile = held_profile(profile)
         self._prune(user)
         out: list[Decision] = []
         if stream is not None and stream.before is not None:

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from nudgeflow.core.errors import ConfigError
 from nudgeflow.core.policies import PolicyState
-from nudgeflow.core.profiles import make_profile
+from nudgeflow.core.profiles import held_profile, make_profile
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.cart import Cart
 from nudgeflow.operators.detector import Detector, UserState
@@ -112,7 +112,7 @@ def load_user(detector: Detector, data: dict[str, Any], fmt: int = FORMAT) -> Us
         rule_states=rule_states,
         policy=_policy(fmt, *data["policy"]),
         pending_sends=pending,
-        profile=make_profile(*data["profile"]),
+        profile=held_profile(make_profile(*data["profile"])),
         pruned_at=data["pruned_at"],
         stream_at=data["stream_at"],
         hourly=TumblingCounter(*data["hourly"]),
