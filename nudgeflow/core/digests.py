@@ -3,8 +3,9 @@
 Per-user state remembers ids it has seen (event ids for duplicates, trigger
 ids for the policies' dedup) for days. Held as strings they cost ~100 bytes
 each in a dict; as records of 16 bytes (an 8-byte BLAKE2b digest of the id,
-then a big-endian signed 64-bit time) in one `bytearray`, they cost 16, and a
-lookup is a C `find` over the bytes that creates no objects. Two different ids
+then a signed 64-bit time) in one `bytearray`, they cost 16, and a
+lookup is a C `find` over the bytes that creates no objects. Times are in the
+machine's byte order, so the times can be read as an int64 view (`oldest`). Two different ids
 are taken for one only on a 64-bit collision (ARCHITECTURE.md "Per-user state"
 gives the odds).
 """
@@ -17,7 +18,8 @@ from hashlib import blake2b
 from typing import Final
 
 RECORD: Final = 16
-_TIME: Final = struct.Struct(">q")
+_TIME: Final = struct.Struct("=q")
+_RECORDS: Final = struct.Struct("=8sq")
 
 
 def digest64(text: str) -> bytes:
@@ -42,23 +44,30 @@ def set_time(records: bytearray, offset: int, at: int) -> None:
 
 
 def append(records: bytearray, digest: bytes, at: int) -> None:
-    records += digest
-    records += _TIME.pack(at)
+    records += _RECORDS.pack(digest, at)
 
 
 def each(records: bytes | bytearray) -> Iterator[tuple[bytes, int]]:
     """(digest, time) of every record, in order."""
-    for offset in range(0, len(records), RECORD):
-        yield bytes(records[offset:offset + 8]), int(_TIME.unpack_from(records, offset + 8)[0])
+    return _RECORDS.iter_unpack(records)
+
+
+def oldest(records: bytearray) -> int | None:
+    """The smallest time of the records (None: there are none), read in C."""
+    if not records:
+        return None
+    # Every view is released before returning: a bytearray with a view cannot grow.
+    with memoryview(records) as raw, raw.cast("q") as words, words[1::2] as times:
+        return int(min(times))
 
 
 def kept_since(records: bytearray, horizon: int) -> bytearray | None:
     """The records with time >= `horizon`, or None when every record is kept."""
-    items = list(each(records))
-    if not items or min(at for _, at in items) >= horizon:
+    first = oldest(records)
+    if first is None or first >= horizon:
         return None
     kept = bytearray()
-    for digest, at in items:
+    for digest, at in each(records):
         if at >= horizon:
-            append(kept, digest, at)
+            kept += _RECORDS.pack(digest, at)
     return kept

@@ -136,6 +136,10 @@ class UserState:
         """trigger_id -> (provisional decision, rule name) of delayed sends not yet due."""
         return _NO_SENDS if self._pending is None else self._pending
 
+    @property
+    def has_pending_sends(self) -> bool:
+        return self._pending is not None
+
     def hold_send(self, trigger_id: str, decision: Decision, rule: str) -> None:
         if self._pending is None:
             self._pending = {}
@@ -433,13 +437,12 @@ class Detector:
         user.pruned_at = watermark
         user.admission.prune(watermark)
         user.prune_policy(watermark)
-        states = user.rule_states
+        # An emptied rule state stays: deleting it from the dict leaves a dummy slot that
+        # makes the dict grow on a later insert, which costs more than the state.
         for logic in self.logics:
-            state = states.get(logic.name)
+            state = user.rule_states.get(logic.name)
             if state is not None:
                 logic.prune(state, watermark)
-                if logic.state_empty(state):  # as good as new: new_state() makes it again
-                    del states[logic.name]
 
     def features(self, user: UserState, at: int) -> dict[str, int]:
         """Per-user activity features at event time `at` (tumbling hour and day counts)."""
@@ -464,7 +467,7 @@ class Detector:
             user.cart.clear()
             user.cart_changed()
         session = self.sessions.place(step, event) if self._uses_sessions else None
-        if user.pending_sends:
+        if user.has_pending_sends:
             self.sends.on_event(step, event, session)
         for logic in self._watching[event.type]:
             logic.on_event(step, event, session)

@@ -172,8 +172,10 @@ class TimerQueue:
             del self._timers[index]
 
     def get(self, rule: str, key: str = "") -> Timer | None:
-        index = self._index(rule, key)
-        return None if index < 0 else self._timers[index]
+        for timer in self._timers:
+            if timer.rule == rule and timer.key == key:
+                return timer
+        return None
 
     def pop_due(self, bound: int, *, inclusive: bool) -> Timer | None:
         """Remove and return the first timer due at `bound`, or None.

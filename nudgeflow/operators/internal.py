@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 SESSIONS: Final = "@sessions"
 SENDS: Final = "@sends"
 
+# The timer keys of a user's first sessions, shared by every user (a str each otherwise).
+_SESSION_KEYS: Final = tuple(str(index) for index in range(256))
+
 
 class SessionsLogic(Logic):
     """Places each applied event in a session and closes sessions when their timer is due.
@@ -60,8 +63,8 @@ class SessionsLogic(Logic):
         ):
             session.products += (sys.intern(event.product_id),)
         # An ended session keeps the close timer it had; the current one's moves with it.
-        # Interned keys: every user's first sessions are "0", "1", ...
-        key = sys.intern(str(session.index))
+        index = session.index
+        key = _SESSION_KEYS[index] if index < len(_SESSION_KEYS) else str(index)
         user.timers.set(self.name, self.order, key, session.close_at(self.gap_ms))
         return session
 

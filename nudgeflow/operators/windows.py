@@ -73,10 +73,16 @@ class SlidingCounter:
         """How many times of `scope` lie in `[start, end]`."""
         by_scope = self._by_scope
         if by_scope is None:
-            if scope not in self._scopes:  # a scan in C: the common answer for a new scope
+            scopes, times = self._scopes, self._times
+            if scope not in scopes:  # scans in C: a new scope, or every time in the window
                 return 0
-            return sum(1 for s, t in zip(self._scopes, self._times, strict=True)
-                       if s == scope and start <= t <= end)
+            if start <= min(times) and max(times) <= end:
+                return scopes.count(scope)
+            count = 0
+            for s, t in zip(scopes, times, strict=True):
+                if s == scope and start <= t <= end:
+                    count += 1
+            return count
         times = by_scope.get(scope)
         if times is None:
             return 0
