@@ -73,13 +73,13 @@ class SlidingCounter:
         """How many times of `scope` lie in `[start, end]`."""
         by_scope = self._by_scope
         if by_scope is None:
-            scopes, times = self._scopes, self._times
+            scopes, flat = self._scopes, self._times
             if scope not in scopes:  # scans in C: a new scope, or every time in the window
                 return 0
-            if start <= min(times) and max(times) <= end:
+            if start <= min(flat) and max(flat) <= end:
                 return scopes.count(scope)
             count = 0
-            for s, t in zip(scopes, times, strict=True):
+            for s, t in zip(scopes, flat, strict=True):
                 if s == scope and start <= t <= end:
                     count += 1
             return count
