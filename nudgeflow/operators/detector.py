@@ -313,7 +313,12 @@ class Detector:
         the stream clock stands in for it (the user's clock without one).
         """
         if profile is not None:
-            user.profile = held_profile(profile)
+            held = user.profile
+            # The profile store's reads share these parts (`make_profile`): a profile that
+            # did not change is known by identity, without building a key.
+            if not (profile.segment is held.segment and profile.opt_in is held.opt_in
+                    and profile.timezone is held.timezone):
+                user.profile = held_profile(profile)
         self._prune(user)
         out: list[Decision] = []
         if stream is not None and stream.before is not None:
