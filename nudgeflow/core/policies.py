@@ -13,12 +13,17 @@ exact across workers and processes without a shared store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from array import array
+from bisect import insort
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from nudgeflow.core import digests
+from nudgeflow.core.digests import digest64
 from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import PolicyConfig, RuleBase, VariantConfig
 from nudgeflow.core.timeutil import MS_PER_DAY, datetime_to_ms, ms_to_datetime
@@ -27,23 +32,56 @@ from nudgeflow.core.triggers import Channel, Decision, Trigger, stable_fraction
 WEEK_MS = 7 * MS_PER_DAY
 
 
-@dataclass(slots=True)
 class PolicyState:
-    """What the policies remember of one user: recent trigger ids and dispatched send times."""
+    """What the policies remember of one user: recent trigger ids and dispatched send times.
 
-    recent_ids: dict[str, int] = field(default_factory=dict)  # trigger_id -> fired_at
-    dispatched: list[int] = field(default_factory=list)  # fired_at of dispatched triggers
+    Trigger ids are remembered as (digest, fired_at) records (`core.digests`),
+    the dispatched times as a sorted array of 64-bit integers: this is held for
+    every user who ever had a trigger.
+    """
+
+    __slots__ = ("_recent", "dispatched")
+
+    def __init__(self, recent: bytes = b"", dispatched: Iterable[int] = ()) -> None:
+        self._recent = bytearray(recent)  # trigger id digest, fired_at
+        self.dispatched: array[int] = array("q", sorted(dispatched))  # fired_at, dispatched
+
+    @classmethod
+    def from_ids(cls, recent_ids: dict[str, int], dispatched: Iterable[int]) -> PolicyState:
+        """From trigger ids in full (how snapshots of format 2 hold them)."""
+        state = cls(b"", dispatched)
+        for trigger_id, fired_at in recent_ids.items():
+            state.remember(trigger_id, fired_at)
+        return state
+
+    def seen(self, trigger_id: str) -> bool:
+        return digests.find(self._recent, digest64(trigger_id)) >= 0
+
+    def remember(self, trigger_id: str, fired_at: int) -> None:
+        digest = digest64(trigger_id)
+        offset = digests.find(self._recent, digest)
+        if offset >= 0:
+            digests.set_time(self._recent, offset, fired_at)
+        else:
+            digests.append(self._recent, digest, fired_at)
+
+    def count_dispatched(self, fired_at: int) -> None:
+        insort(self.dispatched, fired_at)
 
     def prune(self, watermark: int) -> None:
         horizon = watermark - WEEK_MS
         if self.dispatched and self.dispatched[0] < horizon:
-            self.dispatched = [t for t in self.dispatched if t >= horizon]
-        if self.recent_ids and min(self.recent_ids.values()) < horizon:
-            self.recent_ids = {k: v for k, v in self.recent_ids.items() if v >= horizon}
+            self.dispatched = array("q", (t for t in self.dispatched if t >= horizon))
+        kept = digests.kept_since(self._recent, horizon)
+        if kept is not None:
+            self._recent = kept
+
+    def to_data(self) -> tuple[bytes, list[int]]:
+        return bytes(self._recent), list(self.dispatched)
 
     @property
     def empty(self) -> bool:
-        return not self.dispatched and not self.recent_ids
+        return not self.dispatched and not self._recent
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +168,7 @@ class Policies:
         assignment: Assignment | None,
         *,
         event_clock: int | None = None,
+        message_profile: Profile | None = None,
     ) -> Plan:
         """Decide a freshly detected trigger; a delayed send is only `dispatched` provisionally.
 
@@ -138,9 +177,9 @@ class Policies:
         time; `detected_at` when not given).
         """
         fired_at = trigger.fired_at_ms
-        if trigger.trigger_id in state.recent_ids:
+        if state.seen(trigger.trigger_id):
             return Plan(Decision(trigger, "suppressed", "duplicate"), delayed=False)
-        state.recent_ids[trigger.trigger_id] = fired_at
+        state.remember(trigger.trigger_id, fired_at)
 
         if rule.frequency_capped and self._capped(state, fired_at):
             return Plan(Decision(trigger, "suppressed", "frequency_cap"), delayed=False)
@@ -167,10 +206,9 @@ class Policies:
 
         # Counted when decided, so a later trigger sees this one inside its window;
         # a delayed send that is cancelled gives its place back (`release`).
-        state.dispatched.append(fired_at)
-        state.dispatched.sort()
+        state.count_dispatched(fired_at)
         decision = Decision(trigger, "dispatched", None, channel=channel, send_at_ms=send_at,
-                            profile=profile)
+                            profile=message_profile)
         return Plan(decision, delayed=delayed)
 
     def release(self, state: PolicyState, fired_at: int) -> None:

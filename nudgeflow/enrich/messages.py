@@ -391,7 +391,7 @@ class MessageRenderer:
 
         def render(decision: Decision) -> dict[str, str]:
             profile = decision.profile
-            if not isinstance(profile, Profile):  # a delayed send resumed from a snapshot
+            if not isinstance(profile, Profile):  # fired by a timer, or resumed from a snapshot
                 user_id = decision.trigger.user_id
                 profile = profiles.lookup([user_id]).get(user_id, NO_PROFILE)
             return self.render(decision, profile).to_json()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Final
 
 
 class Cart:
@@ -21,7 +22,8 @@ class Cart:
     def add(self, product_id: str, quantity: int, price: float | None) -> None:
         item = self._items.get(product_id)
         if item is None:
-            self._items[product_id] = [quantity, price]
+            # Interned: product ids repeat across users, and each user holds a copy otherwise.
+            self._items[sys.intern(product_id)] = [quantity, price]
             return
         item[0] += quantity
         if price is not None:
@@ -44,7 +46,7 @@ class Cart:
     @classmethod
     def from_data(cls, data: list[tuple[str, int, float | None]]) -> Cart:
         cart = cls()
-        cart._items = {pid: [qty, price] for pid, qty, price in data}
+        cart._items = {sys.intern(pid): [qty, price] for pid, qty, price in data}
         return cart
 
     @property
@@ -59,3 +61,25 @@ class Cart:
         ]
         value = sum(qty * price for qty, price in self._items.values() if price is not None)
         return {"cart_value": round(value, 2), "items": items}
+
+
+class _NoCart(Cart):
+    """The cart of every user who has none: reads as empty, refuses to change."""
+
+    __slots__ = ()
+
+    def add(self, product_id: str, quantity: int, price: float | None) -> None:
+        raise TypeError(_FROZEN)
+
+    def remove(self, product_id: str, quantity: int) -> None:
+        raise TypeError(_FROZEN)
+
+    def clear(self) -> None:
+        raise TypeError(_FROZEN)
+
+
+_FROZEN: Final = "the shared empty cart cannot change: use UserState.cart_to_change()"
+
+
+# Most users have no cart most of the time: they share this one instead of holding two objects.
+EMPTY_CART: Final[Cart] = _NoCart()

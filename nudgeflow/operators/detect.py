@@ -200,10 +200,9 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             cause = envelope.origin.line if envelope.origin.line is not None else 0
             if decisions:
                 out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
-            attribution = slot.state.attribution
-            if attribution.outbox:
-                out.extend(EmittedOutcome(o, (cause, i, "", 0))
-                           for i, o in enumerate(attribution.drain()))
+            outcomes = slot.state.drain_outcomes()
+            if outcomes:
+                out.extend(EmittedOutcome(o, (cause, i, "", 0)) for i, o in enumerate(outcomes))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
         if self.record_metrics:  # the admission outcomes, counted once per batch
             for outcome, count in zip(Admit, counts, strict=True):
@@ -250,7 +249,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 )
                 out.extend(
                     EmittedOutcome(o, (AT_END, o.ts_ms, uid, i))
-                    for i, o in enumerate(slot.state.attribution.drain())
+                    for i, o in enumerate(slot.state.drain_outcomes())
                 )
         if self.clock is None and any(self.counts):
             out.append(Tally(*self.counts))
@@ -397,7 +396,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         )
         out: list[Output] = [Emitted(d, (0, i, "", 0)) for i, d in enumerate(decisions)]
         out.extend(EmittedOutcome(o, (0, i, "", 0))
-                   for i, o in enumerate(user.attribution.drain()))
+                   for i, o in enumerate(user.drain_outcomes()))
         return out
 
     def _wake_at(self, slot: UserSlot, now: int) -> int | None:

@@ -22,18 +22,20 @@ cancelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final
 
 from nudgeflow.core.events import EVENT_TYPES, Event
+from nudgeflow.core.outcomes import Outcome, attributed
 from nudgeflow.core.policies import Policies, PolicyState
-from nudgeflow.core.profiles import NO_PROFILE, Profile
+from nudgeflow.core.profiles import NO_PROFILE, Profile, held_profile
 from nudgeflow.core.rules import RulesConfig
 from nudgeflow.core.stream_clock import StreamStamp
 from nudgeflow.core.timeutil import MS_PER_DAY, MS_PER_HOUR
 from nudgeflow.core.triggers import Decision, Trigger, make_trigger_id
 from nudgeflow.operators.attribution import Attribution
-from nudgeflow.operators.cart import Cart
+from nudgeflow.operators.cart import EMPTY_CART, Cart
 from nudgeflow.operators.event_time import Admission, Admit, TimerQueue
 from nudgeflow.operators.intent_logic import HighIntentLogic  # noqa: F401  (registers the kind)
 from nudgeflow.operators.internal import DelayedSendsLogic, SessionsLogic
@@ -52,35 +54,141 @@ from nudgeflow.operators.tumbling import TumblingCounter
 Trace = list[tuple[int, str, str]]
 
 
-@dataclass(slots=True)
 class UserState:
-    """Everything nudgeflow keeps for one user. Data only: the logic is `Detector`."""
+    """Everything nudgeflow keeps for one user. Data only: the logic is `Detector`.
 
-    user_id: str
-    admission: Admission
-    cart: Cart
-    sessions: SessionTracker
-    timers: TimerQueue
-    # rule name -> that rule's state for this user (absent until the rule first needs one)
-    rule_states: dict[str, Any] = field(default_factory=dict)
-    policy: PolicyState = field(default_factory=PolicyState)
-    # trigger_id -> (provisional decision, rule name) of delayed sends not yet due
-    pending_sends: dict[str, tuple[Decision, str]] = field(default_factory=dict)
-    profile: Profile = NO_PROFILE
-    pruned_at: int | None = None
-    # S0: the stream clock just after the user's latest applied event (None: no stream clock)
-    stream_at: int | None = None
-    # events per hour and per day (tumbling, event time): features for an intent model
-    hourly: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_HOUR))
-    daily: TumblingCounter = field(default_factory=lambda: TumblingCounter(MS_PER_DAY))
-    # triggers waiting for a purchase in their attribution window, and their outcomes
-    attribution: Attribution = field(default_factory=Attribution)
+    Held for every active user, so it is kept small (ARCHITECTURE.md "Per-user
+    state"): what most users do not need (a cart, delayed sends, policy memory)
+    is None until first needed and read through a shared empty stand-in.
+    """
+
+    __slots__ = (
+        "_attribution", "_cart", "_pending", "_policy", "admission", "daily", "hourly", "profile",
+        "pruned_at", "rule_states", "sessions", "stream_at", "timers", "user_id",
+    )
+
+    def __init__(
+        self,
+        user_id: str,
+        admission: Admission,
+        sessions: SessionTracker,
+        timers: TimerQueue,
+        *,
+        cart: Cart | None = None,
+        rule_states: dict[str, Any] | None = None,
+        policy: PolicyState | None = None,
+        pending_sends: dict[str, tuple[Decision, str]] | None = None,
+        profile: Profile = NO_PROFILE,
+        pruned_at: int | None = None,
+        stream_at: int | None = None,
+        hourly: TumblingCounter | None = None,
+        daily: TumblingCounter | None = None,
+        attribution: Attribution | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.admission = admission
+        self._cart = None if cart is None or cart.empty else cart
+        self.sessions = sessions
+        self.timers = timers
+        # rule name -> that rule's state for this user (absent until the rule first needs one)
+        self.rule_states: dict[str, Any] = {} if rule_states is None else rule_states
+        self._policy = None if policy is None or policy.empty else policy
+        # trigger_id -> (provisional decision, rule name) of delayed sends not yet due
+        self._pending = pending_sends or None
+        self.profile = profile
+        self.pruned_at = pruned_at
+        # S0: the stream clock just after the user's latest applied event (None: no stream clock)
+        self.stream_at = stream_at
+        # events per hour and per day (tumbling, event time): features for an intent model
+        self.hourly = TumblingCounter(MS_PER_HOUR) if hourly is None else hourly
+        self.daily = TumblingCounter(MS_PER_DAY) if daily is None else daily
+        # triggers waiting for a purchase in their attribution window, and their outcomes
+        self._attribution = None if attribution is None or attribution.empty else attribution
+
+    @property
+    def cart(self) -> Cart:
+        """The user's cart (read it; change it through `cart_to_change`)."""
+        return EMPTY_CART if self._cart is None else self._cart
+
+    def cart_to_change(self) -> Cart:
+        if self._cart is None:
+            self._cart = Cart()
+        return self._cart
+
+    def cart_changed(self) -> None:
+        """Called after a change: an emptied cart is dropped, not kept empty."""
+        if self._cart is not None and self._cart.empty:
+            self._cart = None
+
+    @property
+    def policy(self) -> PolicyState:
+        """What the policies remember of the user, created when first asked for (to change)."""
+        if self._policy is None:
+            self._policy = PolicyState()
+        return self._policy
+
+    @property
+    def policy_empty(self) -> bool:
+        return self._policy is None or self._policy.empty
+
+    def prune_policy(self, watermark: int) -> None:
+        if self._policy is not None:
+            self._policy.prune(watermark)
+            if self._policy.empty:
+                self._policy = None
+
+    @property
+    def attribution(self) -> Attribution:
+        """Watched triggers, recent purchases, outcomes (read; change: `attribution_to_change`)."""
+        return _NO_ATTRIBUTION if self._attribution is None else self._attribution
+
+    def attribution_to_change(self) -> Attribution:
+        if self._attribution is None:
+            self._attribution = Attribution()
+        return self._attribution
+
+    def prune_attribution(self, watermark: int) -> None:
+        if self._attribution is not None:
+            self._attribution.prune(watermark)
+            if self._attribution.empty:
+                self._attribution = None
+
+    def drain_outcomes(self) -> list[Outcome]:
+        """The outcomes found since the last call (the operator emits them in the same batch)."""
+        return [] if self._attribution is None else self._attribution.drain()
+
+    @property
+    def pending_sends(self) -> Mapping[str, tuple[Decision, str]]:
+        """trigger_id -> (provisional decision, rule name) of delayed sends not yet due."""
+        return _NO_SENDS if self._pending is None else self._pending
+
+    @property
+    def has_pending_sends(self) -> bool:
+        return self._pending is not None
+
+    def hold_send(self, trigger_id: str, decision: Decision, rule: str) -> None:
+        if self._pending is None:
+            self._pending = {}
+        self._pending[trigger_id] = (decision, rule)
+
+    def drop_send(self, trigger_id: str) -> tuple[Decision, str] | None:
+        if self._pending is None:
+            return None
+        held = self._pending.pop(trigger_id, None)
+        if not self._pending:
+            self._pending = None
+        return held
+
+
+_NO_SENDS: Mapping[str, tuple[Decision, str]] = MappingProxyType({})
+# Read by users who never had a trigger or a purchase watched; never changed (see above).
+_NO_ATTRIBUTION: Final = Attribution()
 
 
 class Step:
     """What rules may see and do while the detector handles one input of one user."""
 
-    __slots__ = ("clock", "detector", "event_clock", "out", "trace", "user")
+    __slots__ = ("clock", "detector", "event_clock", "message_profile", "out", "trace", "user")
 
     def __init__(
         self,
@@ -101,6 +209,9 @@ class Step:
         self.event_clock = event_clock
         self.out: list[Decision] = []
         self.trace = trace
+        # The whole profile the event came with (its name too, which the user's held
+        # profile leaves out): what a trigger fired now is rendered with, no lookup.
+        self.message_profile: Profile | None = None
 
     def note(self, logic: Logic | None, at: int, message: str) -> None:
         """Record why a rule did or did not act (only when explaining: `trace` is set).
@@ -126,6 +237,10 @@ class Step:
         if value is None:
             value = states[logic.name] = logic.new_state()
         return value
+
+    def set_state(self, logic: RuleLogic, value: Any) -> None:
+        """Replace the rule's state for this user (for a state that is an immutable value)."""
+        self.user.rule_states[logic.name] = value
 
     def has_timer(self, logic: RuleLogic) -> bool:
         return self.user.timers.get(logic.name) is not None
@@ -208,7 +323,6 @@ class Detector:
         return UserState(
             user_id=user_id,
             admission=Admission(self.lateness, self.dedup_retention),
-            cart=Cart(),
             sessions=SessionTracker(self.session_gap),
             timers=TimerQueue(),
         )
@@ -231,7 +345,12 @@ class Detector:
         the stream clock stands in for it (the user's clock without one).
         """
         if profile is not None:
-            user.profile = profile
+            held = user.profile
+            # The profile store's reads share these parts (`make_profile`): a profile that
+            # did not change is known by identity, without building a key.
+            if not (profile.segment is held.segment and profile.opt_in is held.opt_in
+                    and profile.timezone is held.timezone):
+                user.profile = held_profile(profile)
         self._prune(user)
         out: list[Decision] = []
         if stream is not None and stream.before is not None:
@@ -245,6 +364,7 @@ class Detector:
         if now is None and stream is not None and stream.after is not None:
             now = stream.after
         step = Step(self, user, clock if now is None else now, trace, event_clock=clock)
+        step.message_profile = profile
         self._apply(step, event)
         self._decide(step, self._watermark(user), inclusive=False)
         out.extend(step.out)
@@ -326,7 +446,7 @@ class Detector:
             and not user.pending_sends
             and user.sessions.open_sessions == 0
             and user.admission.remembered == 0
-            and user.policy.empty
+            and user.policy_empty
             and user.attribution.empty
             and all(logic.state_empty(user.rule_states.get(logic.name)) for logic in self.logics)
         )
@@ -355,8 +475,10 @@ class Detector:
             return
         user.pruned_at = watermark
         user.admission.prune(watermark)
-        user.policy.prune(watermark)
-        user.attribution.prune(watermark)
+        user.prune_policy(watermark)
+        user.prune_attribution(watermark)
+        # An emptied rule state stays: deleting it from the dict leaves a dummy slot that
+        # makes the dict grow on a later insert, which costs more than the state.
         for logic in self.logics:
             state = user.rule_states.get(logic.name)
             if state is not None:
@@ -376,18 +498,21 @@ class Detector:
         user.hourly.add(event.ts)
         user.daily.add(event.ts)
         kind = event.type
-        cart = user.cart
         if kind == "add_to_cart":
-            cart.add(event.product_id or "", event.qty, event.price)
-        elif kind == "remove_from_cart":
-            cart.remove(event.product_id or "", event.qty)
+            user.cart_to_change().add(event.product_id or "", event.qty, event.price)
+        elif kind == "remove_from_cart" and not user.cart.empty:
+            user.cart.remove(event.product_id or "", event.qty)
+            user.cart_changed()
         elif kind == "purchase":
-            user.attribution.on_purchase(
+            cart = user.cart
+            user.attribution_to_change().on_purchase(
                 event.ts, event.value, tuple(item[0] for item in cart.to_data())
             )
-            cart.clear()
+            if not cart.empty:
+                cart.clear()
+                user.cart_changed()
         session = self.sessions.place(step, event) if self._uses_sessions else None
-        if user.pending_sends:
+        if user.has_pending_sends:
             self.sends.on_event(step, event, session)
         for logic in self._watching[event.type]:
             logic.on_event(step, event, session)
@@ -423,7 +548,8 @@ class Detector:
             metadata=metadata,
         )
         plan = self.policies.plan(
-            trigger, rule, profile, user.policy, assignment, event_clock=step.event_clock
+            trigger, rule, profile, user.policy, assignment, event_clock=step.event_clock,
+            message_profile=step.message_profile,
         )
         if step.trace is not None:
             outcome = plan.decision
@@ -434,7 +560,8 @@ class Detector:
                 step.note(logic, fired_at, f"FIRED {trigger.trigger_id}: {verdict}{held}")
         # Watched from now, a delayed send too: its window starts at fired_at, as its
         # holdout's does, whether it is later sent or cancelled.
-        user.attribution.watch(plan.decision, rule.attribution_window)
+        if attributed(plan.decision.decision, plan.decision.reason):
+            user.attribution_to_change().watch(plan.decision, rule.attribution_window)
         if plan.delayed and plan.decision.send_at_ms is not None:
             self.sends.hold(step, plan.decision, logic)
         else:

@@ -18,9 +18,10 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from enum import Enum
-from hashlib import blake2b
 from typing import Final
 
+from nudgeflow.core import digests
+from nudgeflow.core.digests import digest64
 from nudgeflow.core.timeutil import MS_PER_DAY
 
 DEDUP_SPAN_MS: Final = MS_PER_DAY
@@ -35,13 +36,8 @@ class Admit(Enum):
 
 
 def id_hash(event_id: str) -> int:
-    """A stable signed 64-bit hash of an `event_id` (stable across processes and restarts).
-
-    Remembering 8-byte hashes instead of the id strings cuts the dedup memory
-    several times; a false duplicate needs a 64-bit collision among one user's
-    ids of the last days, about 1e-15 for a thousand ids.
-    """
-    return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+    """The digest of an `event_id` as a signed 64-bit integer (what snapshots hold)."""
+    return int.from_bytes(digest64(event_id), "big", signed=True)
 
 
 class Admission:
@@ -51,11 +47,11 @@ class Admission:
     watermark is that far past its `ts`. Only a *late* repeat older than that
     is affected (it is then counted late instead of duplicate); anything at or
     above the watermark is more than 24 h from a forgotten occurrence anyway
-    as long as `retention_ms` >= 24 h. Seen ids are kept as two parallel
-    arrays of 64-bit integers (id hash, ts): 16 bytes an event.
+    as long as `retention_ms` >= 24 h. Seen ids are (id digest, ts) records
+    (`core.digests`): 16 bytes an event, in one `bytearray` per user.
     """
 
-    __slots__ = ("_seen_ids", "_seen_ts", "lateness_ms", "max_ts", "retention_ms")
+    __slots__ = ("_seen", "lateness_ms", "max_ts", "retention_ms")
 
     def __init__(self, lateness_ms: int, retention_ms: int) -> None:
         if retention_ms < DEDUP_SPAN_MS:
@@ -64,8 +60,7 @@ class Admission:
         self.lateness_ms = lateness_ms
         self.retention_ms = retention_ms
         self.max_ts: int | None = None
-        self._seen_ids = array("q")
-        self._seen_ts = array("q")
+        self._seen = bytearray()
 
     @property
     def watermark(self) -> int | None:
@@ -73,46 +68,43 @@ class Admission:
 
     def admit(self, event_id: str, ts: int) -> Admit:
         """Classify an arriving event and, when it is applied, remember it and move time."""
-        key = id_hash(event_id)
-        index = self._find(key)
-        if index is not None and abs(ts - self._seen_ts[index]) <= DEDUP_SPAN_MS:
+        digest = digest64(event_id)
+        seen = self._seen
+        index = digests.find(seen, digest)
+        if index >= 0 and abs(ts - digests.time_at(seen, index)) <= DEDUP_SPAN_MS:
             return Admit.DUPLICATE
         watermark = self.watermark
         if watermark is not None and ts < watermark:
             return Admit.LATE
-        if index is not None:  # a new occurrence replaces the one remembered
-            self._seen_ts[index] = ts
+        if index >= 0:  # a new occurrence replaces the one remembered
+            digests.set_time(seen, index, ts)
         else:
-            self._seen_ids.append(key)
-            self._seen_ts.append(ts)
+            digests.append(seen, digest, ts)
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
         return Admit.APPLY
-
-    def _find(self, key: int) -> int | None:
-        try:
-            return self._seen_ids.index(key)
-        except ValueError:
-            return None
 
     def prune(self, watermark: int | None = None) -> None:
         """Forget ids whose `ts` is `retention_ms` behind `watermark` (default: `c - L`)."""
         if watermark is None:
             watermark = self.watermark
-        if watermark is None or not self._seen_ts:
+        if watermark is None or not self._seen:
             return
-        horizon = watermark - self.retention_ms
-        if min(self._seen_ts) < horizon:
-            keep = [i for i, ts in enumerate(self._seen_ts) if ts >= horizon]
-            self._seen_ids = array("q", (self._seen_ids[i] for i in keep))
-            self._seen_ts = array("q", (self._seen_ts[i] for i in keep))
+        kept = digests.kept_since(self._seen, watermark - self.retention_ms)
+        if kept is not None:
+            self._seen = kept
 
     @property
     def remembered(self) -> int:
-        return len(self._seen_ids)
+        return len(self._seen) // digests.RECORD
 
     def to_data(self) -> tuple[int | None, bytes, bytes]:
-        return self.max_ts, self._seen_ids.tobytes(), self._seen_ts.tobytes()
+        """(max_ts, id hashes, their ts): two native arrays of signed 64-bit integers."""
+        ids, times = array("q"), array("q")
+        for digest, ts in digests.each(self._seen):
+            ids.append(int.from_bytes(digest, "big", signed=True))
+            times.append(ts)
+        return self.max_ts, ids.tobytes(), times.tobytes()
 
     @classmethod
     def from_data(
@@ -120,15 +112,19 @@ class Admission:
     ) -> Admission:
         admission = cls(lateness_ms, retention_ms)
         admission.max_ts = data[0]
-        admission._seen_ids.frombytes(data[1])
-        admission._seen_ts.frombytes(data[2])
+        ids, times = array("q"), array("q")
+        ids.frombytes(data[1])
+        times.frombytes(data[2])
+        seen = admission._seen
+        for key, ts in zip(ids, times, strict=True):
+            digests.append(seen, key.to_bytes(8, "big", signed=True), ts)
         return admission
 
     def expires_at(self) -> int | None:
         """The `max_ts` at which every remembered id is forgotten."""
-        if not self._seen_ts:
+        if not self._seen:
             return None
-        return max(self._seen_ts) + self.retention_ms + self.lateness_ms
+        return max(ts for _, ts in digests.each(self._seen)) + self.retention_ms + self.lateness_ms
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -144,23 +140,42 @@ class Timer:
 class TimerQueue:
     """Pending timers of one user, at most one per (rule, key).
 
-    Users have a handful of timers at a time, so a dict and a `min()` beat a
-    heap with lazy deletion in both speed and clarity.
+    Users have a handful of timers at a time, so a plain list scanned in place
+    beats a heap (lazy deletion) and a dict (224 bytes and a key tuple per
+    timer) in speed and in memory: this is held for every active user.
     """
 
     __slots__ = ("_timers",)
 
     def __init__(self) -> None:
-        self._timers: dict[tuple[str, str], Timer] = {}
+        self._timers: list[Timer] = []
+
+    def _index(self, rule: str, key: str) -> int:
+        for index, timer in enumerate(self._timers):
+            if timer.rule == rule and timer.key == key:
+                return index
+        return -1
 
     def set(self, rule: str, rule_order: int, key: str, deadline: int) -> None:
-        self._timers[(rule, key)] = Timer(deadline, rule_order, key, rule)
+        timer = Timer(deadline, rule_order, key, rule)
+        index = self._index(rule, key)
+        if not self._timers:
+            self._timers = [timer]  # exactly one slot: an append would reserve four
+        elif index < 0:
+            self._timers.append(timer)
+        else:
+            self._timers[index] = timer
 
     def cancel(self, rule: str, key: str = "") -> None:
-        self._timers.pop((rule, key), None)
+        index = self._index(rule, key)
+        if index >= 0:
+            del self._timers[index]
 
     def get(self, rule: str, key: str = "") -> Timer | None:
-        return self._timers.get((rule, key))
+        for timer in self._timers:
+            if timer.rule == rule and timer.key == key:
+                return timer
+        return None
 
     def pop_due(self, bound: int, *, inclusive: bool) -> Timer | None:
         """Remove and return the first timer due at `bound`, or None.
@@ -168,27 +183,28 @@ class TimerQueue:
         Live and replay decide timers with `D < watermark`; the end of a replay
         decides those with `D <= the input's largest ts` (`inclusive`).
         """
-        if not self._timers:
+        timers = self._timers
+        if not timers:
             return None
-        first = min(self._timers.values())
+        first = min(timers)
         due = first.deadline <= bound if inclusive else first.deadline < bound
         if not due:
             return None
-        del self._timers[(first.rule, first.key)]
+        timers.remove(first)
         return first
 
     def pending(self) -> list[Timer]:
         """The pending timers in decision order (a copy)."""
-        return sorted(self._timers.values())
+        return sorted(self._timers)
 
     def next_deadline(self) -> int | None:
         if not self._timers:
             return None
-        return min(t.deadline for t in self._timers.values())
+        return min(t.deadline for t in self._timers)
 
     def __len__(self) -> int:
         return len(self._timers)
 
     def to_data(self) -> list[tuple[int, str, str]]:
         """(deadline, logic name, key) of every timer: the order is the rules' of the day."""
-        return [(t.deadline, t.rule, t.key) for t in self._timers.values()]
+        return [(t.deadline, t.rule, t.key) for t in self._timers]

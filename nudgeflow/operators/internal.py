@@ -7,6 +7,7 @@ names, whatever it is.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Final
 
 from nudgeflow.core.policies import Policies
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 SESSIONS: Final = "@sessions"
 SENDS: Final = "@sends"
+
+# The timer keys of a user's first sessions, shared by every user (a str each otherwise).
+_SESSION_KEYS: Final = tuple(str(index) for index in range(256))
 
 
 class SessionsLogic(Logic):
@@ -57,9 +61,11 @@ class SessionsLogic(Logic):
             and event.product_id is not None
             and event.product_id not in session.products
         ):
-            session.products.append(event.product_id)
+            session.products += (sys.intern(event.product_id),)
         # An ended session keeps the close timer it had; the current one's moves with it.
-        user.timers.set(self.name, self.order, str(session.index), session.close_at(self.gap_ms))
+        index = session.index
+        key = _SESSION_KEYS[index] if index < len(_SESSION_KEYS) else str(index)
+        user.timers.set(self.name, self.order, key, session.close_at(self.gap_ms))
         return session
 
     def on_timer(self, step: Step, timer: Timer) -> None:
@@ -82,7 +88,7 @@ class DelayedSendsLogic(Logic):
     def hold(self, step: Step, decision: Decision, logic: RuleLogic) -> None:
         assert decision.send_at_ms is not None
         trigger_id = decision.trigger.trigger_id
-        step.user.pending_sends[trigger_id] = (decision, logic.name)
+        step.user.hold_send(trigger_id, decision, logic.name)
         step.user.timers.set(self.name, logic.order, trigger_id, decision.send_at_ms)
 
     def on_event(self, step: Step, event: Event, session: Session | None) -> None:
@@ -92,7 +98,7 @@ class DelayedSendsLogic(Logic):
             if logic is None:
                 continue
             if any(match.matches(event) for match in logic.config.cancel_delayed_on):
-                del user.pending_sends[trigger_id]
+                user.drop_send(trigger_id)
                 user.timers.cancel(self.name, trigger_id)
                 self.policies.release(user.policy, decision.trigger.fired_at_ms)
                 step.out.append(Decision(decision.trigger, "suppressed", "cancelled"))
@@ -101,7 +107,7 @@ class DelayedSendsLogic(Logic):
                               f"delayed send of {trigger_id} cancelled by {event.type}")
 
     def on_timer(self, step: Step, timer: Timer) -> None:
-        pending = step.user.pending_sends.pop(timer.key, None)
+        pending = step.user.drop_send(timer.key)
         if pending is not None:
             step.out.append(pending[0])
 
@@ -109,6 +115,6 @@ class DelayedSendsLogic(Logic):
         """Replay's end: a send still held is reported dispatched, with its future send time."""
         for decision, _ in step.user.pending_sends.values():
             step.out.append(decision)
-        for trigger_id in step.user.pending_sends:
+        for trigger_id in list(step.user.pending_sends):
             step.user.timers.cancel(self.name, trigger_id)
-        step.user.pending_sends.clear()
+            step.user.drop_send(trigger_id)

@@ -488,23 +488,28 @@ class NthEventLogic(RuleLogic):
         self.rule = config
         self.watches = frozenset({config.match.event})
 
-    def new_state(self) -> list[int]:
-        return [0]
+    def new_state(self) -> int:
+        return 0
 
     def on_event(self, step: Step, event: Event, session: Session | None) -> None:
         if not self.rule.match.matches(event):
             return
-        count: list[int] = step.state(self)
-        if count[0] >= self.rule.n:
+        count: int = step.state(self)
+        if count >= self.rule.n:
             return
-        count[0] += 1
+        count += 1
+        # A plain int (a small one is shared by every user), so it is replaced, not changed.
+        step.set_state(self, count)
         if step.trace is not None:
-            step.note(self, event.ts, f"matching event {count[0]} of {self.rule.n}")
-        if count[0] == self.rule.n:
+            step.note(self, event.ts, f"matching event {count} of {self.rule.n}")
+        if count == self.rule.n:
             step.fire(self, event.ts, "", {"count": self.rule.n})
 
-    def state_empty(self, state: list[int] | None) -> bool:
-        return state is None or state[0] == 0
+    def state_empty(self, state: int | None) -> bool:
+        return not state
 
-    def load(self, data: Any) -> list[int]:
-        return list(data)
+    def dump(self, state: int) -> Any:
+        return [state]  # the snapshot's data since format 2
+
+    def load(self, data: Any) -> int:
+        return int(data[0])

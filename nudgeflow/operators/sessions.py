@@ -12,7 +12,8 @@ We do not use bytewax's `SessionWindower`: its state is never freed (#577).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -26,8 +27,9 @@ class Session:
     events: int = 0
     # bit i set: session matcher i (declared by the rules) was hit by some event
     matched: int = 0
-    # product ids viewed, first view first (browse_abandonment's metadata)
-    products: list[str] = field(default_factory=list)
+    # product ids viewed, first view first (browse_abandonment's metadata); a tuple, as
+    # sessions view few products: no spare slots, and no list at all while there is none
+    products: tuple[str, ...] = ()
 
     def close_at(self, gap_ms: int) -> int:
         return self.latest_ts + gap_ms
@@ -39,7 +41,7 @@ class Session:
     @classmethod
     def from_data(cls, data: tuple[int, int, int, int, int, list[str]]) -> Session:
         index, start, latest, events, matched, products = data
-        return cls(index, start, latest, events, matched, list(products))
+        return cls(index, start, latest, events, matched, tuple(sys.intern(p) for p in products))
 
 
 class SessionTracker:
@@ -50,7 +52,8 @@ class SessionTracker:
     def __init__(self, gap_ms: int) -> None:
         self.gap_ms = gap_ms
         self.current: Session | None = None
-        self._closing: dict[int, Session] = {}
+        # Sessions ended but not yet closed: None while there are none (most of the time).
+        self._closing: dict[int, Session] | None = None
         self.next_index = 0
 
     def place(self, ts: int) -> tuple[Session, Session | None]:
@@ -61,6 +64,8 @@ class SessionTracker:
             return current, None
         ended = current
         if ended is not None:
+            if self._closing is None:
+                self._closing = {}
             self._closing[ended.index] = ended
         session = Session(index=self.next_index, start_ts=ts, latest_ts=ts)
         self.next_index += 1
@@ -69,9 +74,13 @@ class SessionTracker:
 
     def close(self, index: int) -> Session | None:
         """Forget the session `index` and return it (its close timer was decided)."""
-        session = self._closing.pop(index, None)
-        if session is not None:
-            return session
+        closing = self._closing
+        if closing is not None:
+            session = closing.pop(index, None)
+            if not closing:
+                self._closing = None
+            if session is not None:
+                return session
         if self.current is not None and self.current.index == index:
             session, self.current = self.current, None
             return session
@@ -79,18 +88,21 @@ class SessionTracker:
 
     @property
     def open_sessions(self) -> int:
-        return len(self._closing) + (self.current is not None)
+        return (0 if self._closing is None else len(self._closing)) + (self.current is not None)
 
     def to_data(self) -> tuple[Any, list[Any], int]:
         current = None if self.current is None else self.current.to_data()
-        return current, [s.to_data() for s in self._closing.values()], self.next_index
+        closing = () if self._closing is None else self._closing.values()
+        return current, [s.to_data() for s in closing], self.next_index
 
     @classmethod
     def from_data(cls, gap_ms: int, data: tuple[Any, list[Any], int]) -> SessionTracker:
         tracker = cls(gap_ms)
         current, closing, tracker.next_index = data
         tracker.current = None if current is None else Session.from_data(current)
-        for item in closing:
-            session = Session.from_data(item)
-            tracker._closing[session.index] = session
+        if closing:
+            tracker._closing = {}
+            for item in closing:
+                session = Session.from_data(item)
+                tracker._closing[session.index] = session
         return tracker

@@ -22,7 +22,8 @@ On resume, each rule is matched by name and by its detection fingerprint
   delay, segment, experiment, offer, ...) keeps its state. A user's trigger
   history (dedup of trigger ids, frequency cap) is the user's, and is kept.
 
-A snapshot of another FORMAT is refused when the flow starts
+FORMAT 2 snapshots (trigger ids in full) are still read, so an upgrade
+resumes; a snapshot of another FORMAT is refused when the flow starts
 (`check_recovery`), in one line, never half-way through a flow.
 """
 
@@ -37,7 +38,7 @@ from typing import Any, Final
 
 from nudgeflow.core.errors import ConfigError
 from nudgeflow.core.policies import PolicyState
-from nudgeflow.core.profiles import Profile
+from nudgeflow.core.profiles import held_profile, make_profile
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.attribution import Attribution
 from nudgeflow.operators.cart import Cart
@@ -48,8 +49,11 @@ from nudgeflow.operators.sessions import SessionTracker
 from nudgeflow.operators.tumbling import TumblingCounter
 
 MAGIC: Final = b"NFUS"
-FORMAT: Final = 2
+# 3: the policies' trigger ids as digests (PolicyState), not in full. 2 is still read.
+FORMAT: Final = 3
+READABLE: Final = (3, 2)
 _HEADER: Final = MAGIC + bytes([FORMAT])
+_HEADERS: Final = tuple(MAGIC + bytes([f]) for f in READABLE)
 
 
 class SnapshotFormatError(ConfigError):
@@ -70,10 +74,11 @@ def dump_user(detector: Detector, user: UserState) -> dict[str, Any]:
         "sessions": user.sessions.to_data(),
         "timers": user.timers.to_data(),
         "rules": rules,
-        "policy": (dict(user.policy.recent_ids), list(user.policy.dispatched)),
+        "policy": (b"", []) if user.policy_empty else user.policy.to_data(),
         "pending_sends": [(tid, decision.to_data(), rule)
                           for tid, (decision, rule) in user.pending_sends.items()],
-        "profile": dataclasses.astuple(user.profile),
+        "profile": (user.profile.segment, user.profile.opt_in, user.profile.timezone,
+                    user.profile.name),
         "pruned_at": user.pruned_at,
         "stream_at": user.stream_at,
         "hourly": dataclasses.astuple(user.hourly),
@@ -82,8 +87,8 @@ def dump_user(detector: Detector, user: UserState) -> dict[str, Any]:
     }
 
 
-def load_user(detector: Detector, data: dict[str, Any]) -> UserState:
-    """A user from `dump_user`'s data, under the rules of `detector` (the policy above)."""
+def load_user(detector: Detector, data: dict[str, Any], fmt: int = FORMAT) -> UserState:
+    """A user from `dump_user`'s data (of format `fmt`), under the rules of `detector`."""
     kept = {
         name for name, (fingerprint, _) in data["rules"].items()
         if name in detector.by_name and detector.by_name[name].fingerprint == fingerprint
@@ -108,9 +113,9 @@ def load_user(detector: Detector, data: dict[str, Any]) -> UserState:
         sessions=SessionTracker.from_data(detector.session_gap, data["sessions"]),
         timers=timers,
         rule_states=rule_states,
-        policy=PolicyState(dict(data["policy"][0]), list(data["policy"][1])),
+        policy=_policy(fmt, *data["policy"]),
         pending_sends=pending,
-        profile=Profile(*data["profile"]),
+        profile=held_profile(make_profile(*data["profile"])),
         pruned_at=data["pruned_at"],
         stream_at=data["stream_at"],
         hourly=TumblingCounter(*data["hourly"]),
@@ -118,6 +123,12 @@ def load_user(detector: Detector, data: dict[str, Any]) -> UserState:
         # absent from the format-2 snapshots written before attribution existed
         attribution=Attribution.from_data(data.get("attribution")),
     )
+
+
+def _policy(fmt: int, recent: Any, dispatched: list[int]) -> PolicyState:
+    if fmt == 2:  # trigger ids in full, trigger_id -> fired_at
+        return PolicyState.from_ids(dict(recent), dispatched)
+    return PolicyState(recent, dispatched)
 
 
 def _timer_order(
@@ -142,11 +153,11 @@ def encode(detector: Detector, user: UserState, wall_ms: int | None, source: str
 
 def decode(detector: Detector, blob: bytes) -> tuple[UserState, int | None, str | None]:
     """A user, the wall time of their last event and their partition, from `encode`'s bytes."""
-    if not blob.startswith(_HEADER):
+    if not blob.startswith(_HEADERS):
         raise SnapshotFormatError(describe_format(blob))
     # Builtins only, written by `encode` into our own recovery store.
     data, wall_ms, source = pickle.loads(blob[len(_HEADER):])
-    return load_user(detector, data), wall_ms, source
+    return load_user(detector, data, blob[len(MAGIC)]), wall_ms, source
 
 
 def describe_format(blob: bytes) -> str:
@@ -156,7 +167,8 @@ def describe_format(blob: bytes) -> str:
         found = "format 1 (a pickled UserState, before versioned snapshots)"
     else:
         found = "data that is not a nudgeflow snapshot"
-    return f"per-user state in {found}; this nudgeflow reads format {FORMAT}"
+    readable = " and ".join(str(f) for f in sorted(READABLE))
+    return f"per-user state in {found}; this nudgeflow reads formats {readable}"
 
 
 def check_recovery(
@@ -172,10 +184,11 @@ def check_recovery(
     for path in sorted(directory.glob("*.sqlite3")):
         try:
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                ours = " AND ".join("instr(substr(ser_change, 1, 64), ?) = 0" for _ in _HEADERS)
                 row = db.execute(
                     "SELECT ser_change FROM snaps WHERE step_id = ? AND ser_change IS NOT NULL"
-                    " AND instr(substr(ser_change, 1, 64), ?) = 0 LIMIT 1",
-                    (step_id, _HEADER),
+                    f" AND {ours} LIMIT 1",
+                    (step_id, *_HEADERS),
                 ).fetchone()
         except sqlite3.Error as exc:
             msg = f"recovery directory {directory}: cannot read {path.name}: {exc}"

@@ -195,9 +195,11 @@ def test_ties_between_restored_timers_follow_the_rules_file_as_it_is_now() -> No
     assert orders["cart_abandonment"] == resumed.detector.by_name["cart_abandonment"].order == 2
 
 
-def test_a_snapshot_of_the_previous_format_still_loads() -> None:
-    """The committed fixture was written by FORMAT 2; every later format must read it."""
-    blob = (FIXTURES / "user_snapshot_format2.bin").read_bytes()
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_a_snapshot_of_each_readable_format_still_loads(fmt: int) -> None:
+    """The committed fixtures were written by FORMAT 2 and 3; every later format must read them."""
+    blob = (FIXTURES / f"user_snapshot_format{fmt}.bin").read_bytes()
+    assert blob[4] == fmt
     resumed = _resume(blob, BEFORE)
     resumed.send(6, "page_view", 20 * MIN, page_type="home")
     assert ("cart_abandonment", 15, "dispatched") in resumed.fired
@@ -205,9 +207,24 @@ def test_a_snapshot_of_the_previous_format_still_loads() -> None:
     assert len(resumed.user.attribution.watching) == 1
 
 
+def test_an_upgrade_from_format_2_keeps_the_trigger_ids_the_policies_remember() -> None:
+    blob = (FIXTURES / "user_snapshot_format2.bin").read_bytes()
+    data, _, _ = pickle.loads(blob[5:])
+    recent_ids = data["policy"][0]  # format 2: trigger_id -> fired_at, in full
+    assert recent_ids
+    restored, _, _ = decode(Detector(parse_rules(BEFORE)), blob)
+    assert all(restored.policy.seen(trigger_id) for trigger_id in recent_ids)
+    assert not restored.policy.seen("a trigger id never fired")
+    # and written again, it is the current format, which reads back the same
+    again = encode(Detector(parse_rules(BEFORE)), restored, 0, None)
+    assert again[4] == FORMAT
+    reread, _, _ = decode(Detector(parse_rules(BEFORE)), again)
+    assert all(reread.policy.seen(trigger_id) for trigger_id in recent_ids)
+
+
 def test_a_snapshot_of_another_format_is_refused_with_one_line() -> None:
     old = pickle.dumps((UserState, None))  # what format 1 was: a pickled UserState
-    with pytest.raises(SnapshotFormatError, match=r"format 1 .*reads format 2") as caught:
+    with pytest.raises(SnapshotFormatError, match=r"format 1 .*reads formats 2 and 3") as caught:
         decode(Detector(parse_rules(BEFORE)), old)
     assert "\n" not in str(caught.value)
 
@@ -240,10 +257,10 @@ def test_a_pending_delayed_send_survives_as_a_decision() -> None:
 
 
 def write_fixture() -> None:
-    """Writes the FORMAT 2 fixture (run once, when FORMAT 2 was current)."""
+    """Writes the current FORMAT's fixture (run once per format, when it is current)."""
     history = _history(Detector(parse_rules(BEFORE)))
     blob = encode(history.detector, history.user, 0, "0-events")
-    (FIXTURES / "user_snapshot_format2.bin").write_bytes(blob)
+    (FIXTURES / f"user_snapshot_format{FORMAT}.bin").write_bytes(blob)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from nudgeflow.operators.cart import Cart
 from nudgeflow.operators.sessions import SessionTracker
 from nudgeflow.operators.windows import Cooldowns, SlidingCounter
@@ -28,6 +30,29 @@ def test_prune_drops_only_times_before_the_horizon_and_empty_scopes() -> None:
     assert counter.count("p1", 5, 5) == 1
     counter.prune(6)
     assert counter.empty
+
+
+def test_counts_stay_exact_as_a_counter_grows_past_its_small_form_and_shrinks_back() -> None:
+    """A heavy user's counter changes form (flat, then keyed, then flat); counts never do."""
+    rng = random.Random(3)
+    counter, model = SlidingCounter(), []  # model: every (scope, ts) still held
+    horizon = 0
+    for step in range(400):
+        scope, ts = f"p{rng.randrange(5)}", horizon + rng.randrange(50 * MIN)
+        counter.add(scope, ts)
+        model.append((scope, ts))
+        if step % 37 == 36:  # a burst ends: time moves on and most times go
+            horizon += 45 * MIN
+            counter.prune(horizon)
+            model = [(s, t) for s, t in model if t >= horizon]
+        if step % 11 == 0:  # a snapshot and a restore in between changes nothing
+            counter = SlidingCounter.from_data(counter.to_data())
+        start = rng.randrange(horizon, horizon + 50 * MIN)
+        end = start + rng.randrange(20 * MIN)
+        for probe in ("p0", "p3", "missing"):
+            expected = sum(1 for s, t in model if s == probe and start <= t <= end)
+            assert counter.count(probe, start, end) == expected
+        assert len(counter) == len(model)
 
 
 def test_cooldown_reopens_at_exactly_fired_at_plus_cooldown() -> None:
