@@ -9,6 +9,7 @@ and the renderer asks the profile store.
 from __future__ import annotations
 
 import orjson
+from rule_texts import CART_ABANDONMENT, rules_yaml
 
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import Profile
@@ -18,7 +19,6 @@ from nudgeflow.core.triggers import Decision
 from nudgeflow.enrich.messages import MessageRenderer
 from nudgeflow.enrich.profile_store import StaticProfiles
 from nudgeflow.operators.detector import Detector
-from rule_texts import CART_ABANDONMENT, rules_yaml
 
 INTEREST = """
   - name: product_interest
