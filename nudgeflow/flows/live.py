@@ -321,9 +321,9 @@ def no_full_collections() -> None:
     """Leave the oldest generation alone: only young objects are collected for cycles.
 
     A full collection scans every object the users' state is made of, and holds
-    the GIL while it does: 1.3 to 1.9 s at 100,000 users here (`nudgeflow bench`,
-    "full_gc_ms"), ten times that at a million, all of it added to the latency of
-    every event in flight. The state is freed by reference counting (it holds no
+    the GIL while it does: 84 ms at 102,000 users held here (`nudgeflow bench`,
+    "full_gc_ms"; 1.3 to 1.9 s before the compact state), growing with the users,
+    all of it added to the latency of every event in flight. The state is freed by reference counting (it holds no
     cycles); what this gives up is collecting a cycle that became garbage after
     surviving two younger collections, such as a request that waited out a long
     outage. Measured: the same peak RSS (194 MB) with and without, for the whole
