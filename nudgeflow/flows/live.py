@@ -322,12 +322,13 @@ def no_full_collections() -> None:
 
     A full collection scans every object the users' state is made of, and holds
     the GIL while it does: 84 ms at 102,000 users held here (`nudgeflow bench`,
-    "full_gc_ms"; 1.3 to 1.9 s before the compact state), growing with the users,
-    all of it added to the latency of every event in flight. The state is freed by reference counting (it holds no
-    cycles); what this gives up is collecting a cycle that became garbage after
-    surviving two younger collections, such as a request that waited out a long
-    outage. Measured: the same peak RSS (194 MB) with and without, for the whole
-    default flow over the bench's 200,000-event topic.
+    "full_gc_ms"; 1.3 to 1.9 s before the compact state), growing with the
+    users, all of it added to the latency of every event in flight. The state is
+    freed by reference counting (it holds no cycles); what this gives up is
+    collecting a cycle that became garbage after surviving two younger
+    collections, such as a request that waited out a long outage. Measured: the
+    same peak RSS (194 MB) with and without, for the whole default flow over the
+    bench's 200,000-event topic.
     """
     threshold0, threshold1, _ = gc.get_threshold()
     gc.set_threshold(threshold0, threshold1, _NEVER)

@@ -131,7 +131,9 @@ class UserSlot:
         self.last_arrival = last_arrival  # wall ms of the user's last applied event (live)
         self.source = source  # the input partition of the user's last event (live)
         self.wake: int | None = None  # wall ms the shard must wake for this user (live)
-        self.due: int | None = None  # the stream clock at which their next timer is due (live)
+        # (the stream clock at which their next timer is due, the partition whose clock it
+        # is): where they stand in the shard's heaps (live)
+        self.due: tuple[int, str] | None = None
         self.blob: bytes | None = None  # the snapshot, until the user changes again
 
 
@@ -312,12 +314,13 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                     if wake is not None:
                         heapq.heappush(self._wakes, (wake, uid))
                         self._entries += 1
-                due = detector.stream_due(slot.state) if slot.source is not None else None
-                if due != slot.due:
+                source = slot.source
+                at = detector.stream_due(slot.state) if source is not None else None
+                due = None if at is None or source is None else (at, source)
+                if due != slot.due:  # a new time, or the user's events moved partition
                     slot.due = due
                     if due is not None:
-                        assert slot.source is not None
-                        heapq.heappush(self._due.setdefault(slot.source, []), (due, uid))
+                        heapq.heappush(self._due.setdefault(due[1], []), (due[0], uid))
                         self._entries += 1
         if self._entries > 4 * len(users) + 64:
             self._rebuild()
@@ -329,8 +332,8 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         heapq.heapify(self._wakes)
         due: dict[str, list[tuple[int, str]]] = {}
         for uid, s in users.items():
-            if s.due is not None and s.source is not None:
-                due.setdefault(s.source, []).append((s.due, uid))
+            if s.due is not None:
+                due.setdefault(s.due[1], []).append((s.due[0], uid))
         for heap in due.values():
             heapq.heapify(heap)
         self._due = due
@@ -355,7 +358,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             while heap and heap[0][0] <= stream:
                 due, uid = heapq.heappop(heap)
                 slot = users.get(uid)
-                if slot is None or slot.due != due or slot.source != source:
+                if slot is None or slot.due != (due, source):
                     continue
                 slot.due = None
                 out.extend(self._advance(slot, now))

@@ -30,16 +30,17 @@ from nudgeflow.operators.snapshot import check_recovery
 RULES = rules_yaml(CART_ABANDONMENT)
 MIN = 60_000
 PROFILE = Profile(segment="regular", opt_in=("email",))
-SOURCE = "0-events"
 
 
 class Partition:
-    """Partition 0 of the input, read at wall time `now`."""
+    """A partition of the input (0 unless told), read at wall time `now`."""
 
-    def __init__(self, now: int) -> None:
+    def __init__(self, now: int, index: int = 0,
+                 partitions: PartitionClocks | None = None) -> None:
         self.now = now
+        self.index = index
         self.clock = StreamClock()
-        self.partitions = PartitionClocks()
+        self.partitions = partitions or PartitionClocks()
 
     def __call__(self) -> int:
         return self.now
@@ -51,8 +52,9 @@ class Partition:
         assert isinstance(event, Event)
         stamp = self.clock.read(ts, self.now)
         assert self.clock.reading is not None
-        self.partitions.publish(SOURCE, self.clock.reading)
-        return Envelope(event, raw, Origin(topic="events", partition=0, offset=1), PROFILE,
+        self.partitions.publish(f"{self.index}-events", self.clock.reading)
+        return Envelope(event, raw, Origin(topic="events", partition=self.index, offset=1),
+                        PROFILE,
                         arrived_ms=self.now, stream=stamp, key=user.encode())
 
 
@@ -217,3 +219,17 @@ def test_a_shard_holding_users_of_another_format_is_refused_at_start(tmp_path: P
                    (pickle.dumps(shard_snapshot.encode([future_user], 64)),))
     with pytest.raises(snapshot.SnapshotFormatError, match="format 99"):
         check_recovery(tmp_path, "flow.detect", shard_snapshot.first_user)
+
+
+def test_a_user_whose_events_move_partition_is_timed_by_the_new_one() -> None:
+    first = Partition(now=100 * MIN)
+    second = Partition(now=100 * MIN, index=1, partitions=first.partitions)
+    logic = _DetectLogic(Detector(parse_rules(RULES)), LiveClock(first, first.partitions),
+                         None, shards=8)
+    logic.on_batch([first.read("alice", "a1", "add_to_cart", 0, product_id="p")])
+    # Her next event comes on partition 1 (a producer that keys by something else): the
+    # same timer, now due by partition 1's clock, which other users' events move on.
+    logic.on_batch([second.read("alice", "a2", "page_view", 1000)])
+    first.now = second.now = first.now + 100
+    out, _ = logic.on_batch([second.read("bob", "b1", "page_view", 15 * MIN + 30_001)])
+    assert fired(out) == [("alice", 15 * MIN)]
