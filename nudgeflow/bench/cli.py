@@ -111,11 +111,16 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    if args.json is not None:
+    return _write_json(result, args.json)
+
+
+def _write_json(result: Any, path: Path | None) -> int:
+    """The result as indented JSON at `path` (when given); the command's exit code."""
+    if path is not None:
         try:
-            args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+            path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
         except OSError as exc:
-            print(f"nudgeflow bench: error: cannot write {args.json}: {exc.strerror}",
+            print(f"nudgeflow bench: error: cannot write {path}: {exc.strerror}",
                   file=sys.stderr)
             return EXIT_USAGE
     return 0
@@ -137,14 +142,7 @@ def _collector(args: argparse.Namespace, bootstrap: str) -> int:
         print(f"nudgeflow bench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(collector.render(result))
-    if args.json is not None:
-        try:
-            args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-        except OSError as exc:
-            print(f"nudgeflow bench: error: cannot write {args.json}: {exc.strerror}",
-                  file=sys.stderr)
-            return EXIT_USAGE
-    return 0
+    return _write_json(result, args.json)
 
 
 def _intent(args: argparse.Namespace) -> int:
