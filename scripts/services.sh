@@ -4,8 +4,11 @@
 #   scripts/services.sh up       start both (idempotent; reuses anything already answering)
 #   scripts/services.sh down     stop what this script started (by pid file)
 #   scripts/services.sh status   up/down for each; exit 0 only if both are up
+#   scripts/services.sh kafka-up | kafka-down
+#                                Kafka alone (a test's private broker that it restarts)
 #
-# Everything lives under <repo>/.services/. Ports: KAFKA_PORT (9092),
+# Everything lives under <repo>/.services/ (SERVICES_DIR to put it elsewhere;
+# KAFKA_LIBS to use jars fetched before). Ports: KAFKA_PORT (9092),
 # KAFKA_CONTROLLER_PORT (9093), REDIS_PORT (6379).
 #
 # `up` prints progress on stderr; its stdout is exactly two lines, so both
@@ -15,9 +18,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SVC="$ROOT/.services"
+SVC="${SERVICES_DIR:-$ROOT/.services}"
 KAFKA_DIR="$SVC/kafka"
-KAFKA_LIBS="$KAFKA_DIR/libs"
+KAFKA_LIBS="${KAFKA_LIBS:-$KAFKA_DIR/libs}"
 KAFKA_DATA="$KAFKA_DIR/data"
 KAFKA_PROPS="$KAFKA_DIR/server.properties"
 KAFKA_LOG4J="$KAFKA_DIR/log4j.properties"
@@ -336,8 +339,10 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
+  kafka-up) mkdir -p "$SVC" && kafka_up ;;
+  kafka-down) stop_pid kafka "$KAFKA_PID" kafka.Kafka ;;
   *)
-    echo "usage: $0 up|down|status" >&2
+    echo "usage: $0 up|down|status|kafka-up|kafka-down" >&2
     exit 2
     ;;
 esac
