@@ -192,6 +192,11 @@ def test_a_snapshot_under_another_keying_is_refused() -> None:
     per_user.on_batch([partition.read("bob", "b1", "page_view", 0)])
     with pytest.raises(shard_snapshot.ShardLayoutError, match="per-user keys"):
         shard_snapshot.decode(logic.detector, per_user.snapshot(), 8)
+    # Per-user keys write the user's own snapshot, as before shards: it resumes as one.
+    blob = per_user.snapshot()
+    assert blob.startswith(snapshot.MAGIC)
+    [(state, _, source)] = shard_snapshot.decode(logic.detector, blob, 0)
+    assert (state.user_id, source) == ("bob", "0-events")
 
 
 def test_a_recovery_directory_keyed_otherwise_is_refused_at_start(tmp_path: Path) -> None:
