@@ -134,3 +134,11 @@ def start_flow(
          "--dispatch-url", api_url, "--redis-url", redis_url, *args],
         env=settings, stdout=stdout, stderr=stderr,
     )
+
+
+def three_product_views(user: str, at_ms: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) of `user` viewing product p1 three times, a second apart from `at_ms`."""
+    return [(user.encode(), orjson.dumps({
+        "event_id": f"{user}-{n}", "user_id": user, "type": "page_view", "page_type": "product",
+        "product_id": "p1", "ts": at_ms + n * 1000,
+    })) for n in range(3)]

@@ -45,3 +45,17 @@ rules:
     cooldown: 24h
     channels: [email]
 """
+
+
+# A trigger per user that views one product three times: the outage tests' load.
+THIRD_LOOK_RULES = """
+rules:
+  - name: product_interest
+    kind: count_in_window
+    match: {event: page_view, where: {page_type: product}}
+    window: 10m
+    min_count: 3
+    scope: product_id
+    cooldown: 24h
+    channels: [email]
+"""

@@ -11,55 +11,39 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import orjson
 import pytest
 import redis
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from kafka_helpers import consume_all, wait_for_topic
-from live_helpers import produce_by_partition, read_api_log, start_flow
+from live_helpers import produce_by_partition, read_api_log, start_flow, three_product_views
+from rule_texts import THIRD_LOOK_RULES
+
+from nudgeflow.bench.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "scripts" / "services.sh"
 OUTAGE_S = 10.0
-RULES = """
-rules:
-  - name: product_interest
-    kind: count_in_window
-    match: {event: page_view, where: {page_type: product}}
-    window: 10m
-    min_count: 3
-    scope: product_id
-    cooldown: 24h
-    channels: [email]
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+RULES = THIRD_LOOK_RULES
 
 
 class PrivateBroker:
     """`scripts/services.sh kafka-up | kafka-down` on ports and a directory of this test's."""
 
     def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {
             **os.environ,
             "SERVICES_DIR": str(directory),
             "KAFKA_PORT": str(self.port),
-            "KAFKA_CONTROLLER_PORT": str(_free_port()),
+            "KAFKA_CONTROLLER_PORT": str(free_port()),
         }
         libs = ROOT / ".services" / "kafka" / "libs"
         if libs.is_dir():  # the suite's own broker fetched them: no second download
@@ -73,13 +57,6 @@ class PrivateBroker:
     def down(self) -> None:
         subprocess.run(["bash", str(SERVICES), "kafka-down"], env=self.env, check=True,
                        timeout=60, stdout=subprocess.DEVNULL)
-
-
-def _views(user: str, at_ms: int) -> list[tuple[bytes, bytes]]:
-    return [(user.encode(), orjson.dumps({
-        "event_id": f"{user}-{n}", "user_id": user, "type": "page_view", "page_type": "product",
-        "product_id": "p1", "ts": at_ms + n * 1000,
-    })) for n in range(3)]
 
 
 def _wait_for_users(log: Path, users: list[str], flow: subprocess.Popen[bytes],
@@ -120,14 +97,16 @@ def test_a_broker_down_for_10_s_loses_nothing_and_dead_letters_nothing(
     first, rest = users[:20], users[20:]
     try:
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
-        produce_by_partition(producer, topic, [m for u in first for m in _views(u, now)], 1)
+        views = [m for u in first for m in three_product_views(u, now)]
+        produce_by_partition(producer, topic, views, 1)
         _wait_for_users(log, first, flow, timeout_s=90, flow_log=flow_log)
         broker.down()
         time.sleep(OUTAGE_S)  # the outage itself, not a wait for a result
         assert flow.poll() is None, "the flow stopped while the broker was down"
         broker.up()
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
-        produce_by_partition(producer, topic, [m for u in rest for m in _views(u, now)], 1)
+        views = [m for u in rest for m in three_product_views(u, now)]
+        produce_by_partition(producer, topic, views, 1)
         _wait_for_users(log, users, flow, timeout_s=120, flow_log=flow_log)
     finally:
         flow.send_signal(signal.SIGTERM)

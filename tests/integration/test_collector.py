@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import redis
 from kafka_helpers import TopicFactory, consume_all
 
+from nudgeflow.bench.services import free_port
 from nudgeflow.collect.server import CollectorThread, build_collector
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.settings import CollectSettings, Settings, load_settings
@@ -128,18 +128,11 @@ def test_kafka_that_cannot_take_the_events_gets_503_and_retry_after(redis_url: s
         writer.close(timeout_s=0.1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_nudgeflow_collect_runs_as_a_command(
     kafka_bootstrap: str, make_topic: TopicFactory, redis_url: str
 ) -> None:
     topic = make_topic(prefix="collect-cli")
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "nudgeflow", "collect", "--port", str(port), "--brokers",
                kafka_bootstrap, "--topic", topic, "--write-key", KEY, "--redis-url", redis_url]
     with subprocess.Popen(command, stderr=subprocess.PIPE) as process:

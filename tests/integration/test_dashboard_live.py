@@ -8,7 +8,6 @@ all of it, the page in Debian's headless chromium must show the same numbers.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from live_helpers import start_flow
 from rule_texts import LIVE_RULES
 from selenium import webdriver
 
+from nudgeflow.bench.services import free_port
 from nudgeflow.core.timeutil import now_ms
 
 pytestmark = pytest.mark.integration
@@ -51,12 +51,6 @@ WAIT_S = 60  # the flow's start (bytewax, Kafka metadata) on a loaded CI machine
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
     yield from chromium()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _event(event_id: str, user: str, kind: str, ts: int, **fields: Any) -> bytes:
@@ -93,7 +87,7 @@ def test_the_live_flows_dashboard_shows_what_its_metrics_say(
     for n in range(USERS):
         redis_client.hset(f"profile:dash-{n}", mapping={"segment": "regular",
                                                          "opt_in": "email"})
-    port = _free_port()
+    port = free_port()
     flow = start_flow(
         kafka_bootstrap, topic, api_url, redis_url, "--rules", str(rules_file),
         env={"NUDGEFLOW_HEALTH_HOST": "127.0.0.1", "NUDGEFLOW_HEALTH_PORT": str(port)},

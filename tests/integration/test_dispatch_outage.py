@@ -9,7 +9,6 @@ and comes back on the same port.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,34 +16,19 @@ import uuid
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 import redis
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
-from live_helpers import produce_by_partition, read_api_log, start_flow
+from live_helpers import produce_by_partition, read_api_log, start_flow, three_product_views
+from rule_texts import THIRD_LOOK_RULES
+
+from nudgeflow.bench.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OUTAGE_S = 30.0
-RULES = """
-rules:
-  - name: product_interest
-    kind: count_in_window
-    match: {event: page_view, where: {page_type: product}}
-    window: 10m
-    min_count: 3
-    scope: product_id
-    cooldown: 24h
-    channels: [email]
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+RULES = THIRD_LOOK_RULES
 
 
 def _start_api(port: int, log: Path, redis_url: str) -> subprocess.Popen[bytes]:
@@ -64,13 +48,6 @@ def _start_api(port: int, log: Path, redis_url: str) -> subprocess.Popen[bytes]:
     pytest.fail("the dispatch API did not start")
 
 
-def _views(user: str, at_ms: int) -> list[tuple[bytes, bytes]]:
-    return [(user.encode(), orjson.dumps({
-        "event_id": f"{user}-{n}", "user_id": user, "type": "page_view", "page_type": "product",
-        "product_id": "p1", "ts": at_ms + n * 1000,
-    })) for n in range(3)]
-
-
 def test_an_api_down_for_30_s_loses_nothing_and_dead_letters_nothing(
     kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis,
     make_topic: TopicFactory, tmp_path: Path,
@@ -82,7 +59,7 @@ def test_an_api_down_for_30_s_loses_nothing_and_dead_letters_nothing(
         redis_client.hset(f"profile:{user}", mapping={"segment": "regular", "opt_in": "email"})
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    port, log = _free_port(), tmp_path / "api.jsonl"
+    port, log = free_port(), tmp_path / "api.jsonl"
     api_redis = redis_url.rsplit("/", 1)[0] + "/3"  # the API's own store, not the profiles
     redis.Redis.from_url(api_redis).flushdb()
     api = _start_api(port, log, api_redis)
@@ -95,7 +72,8 @@ def test_an_api_down_for_30_s_loses_nothing_and_dead_letters_nothing(
     now = int(time.time() * 1000)
     try:
         first, rest = users[:20], users[20:]
-        produce_by_partition(producer, topic, [m for u in first for m in _views(u, now)], 1)
+        views = [m for u in first for m in three_product_views(u, now)]
+        produce_by_partition(producer, topic, views, 1)
         deadline = time.monotonic() + 60
         while len(read_api_log(log)) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -103,7 +81,8 @@ def test_an_api_down_for_30_s_loses_nothing_and_dead_letters_nothing(
         api.send_signal(signal.SIGKILL)
         api.wait()
         down_at = time.monotonic()
-        produce_by_partition(producer, topic, [m for u in rest for m in _views(u, now)], 1)
+        views = [m for u in rest for m in three_product_views(u, now)]
+        produce_by_partition(producer, topic, views, 1)
         time.sleep(OUTAGE_S - (time.monotonic() - down_at))  # the outage itself, not a wait
         api = _start_api(port, log, api_redis)
         deadline = time.monotonic() + 60
