@@ -35,6 +35,7 @@ import orjson
 from nudgeflow.app.lift import Comparison, compare
 from nudgeflow.core.errors import InputFileError
 from nudgeflow.core.outcomes import HOLDOUT_ARM, arm_of, attributed
+from nudgeflow.core.recording import numbered_lines
 
 # The JSON's rounding: rates to 6 places, money to cents.
 _RATE_DIGITS = 6
@@ -148,21 +149,15 @@ def _comparison_json(comparison: Comparison | None) -> dict[str, Any]:
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     """The objects of a JSONL file; a line that is not one, or lacks a field, is refused."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        msg = f"cannot read {path}: {exc.strerror or exc}"
-        raise InputFileError(msg) from None
-    with handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                msg = f"{path}:{number}: not JSON ({exc})"
-                raise InputFileError(msg) from None
-            yield _checked(row, f"{path}:{number}", required)
+    for number, raw in numbered_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            msg = f"{path}:{number}: not JSON ({exc})"
+            raise InputFileError(msg) from None
+        yield _checked(row, f"{path}:{number}", required)
 
 
 def _checked(row: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:

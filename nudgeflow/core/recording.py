@@ -87,7 +87,7 @@ def is_recording_header(line: bytes) -> bool:
 
 def iter_recording(path: Path) -> Iterator[tuple[int, RecordedMessage]]:
     """(line number, message) of a recording, skipping its header."""
-    for number, line in _physical_lines(path):
+    for number, line in numbered_lines(path):
         if number == 1 or not line.strip():
             continue
         try:
@@ -103,7 +103,7 @@ def iter_input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     For a recording, the bytes are each message's value and the number is the
     recording's line, so dead letters still point at a line of the file.
     """
-    lines = _physical_lines(path)
+    lines = numbered_lines(path)
     first = next(lines, None)
     if first is None:
         return
@@ -119,7 +119,8 @@ def iter_input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, line
 
 
-def _physical_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, the line without its end) of a file; unreadable: `InputFileError`."""
     try:
         handle = path.open("rb")
     except OSError as exc:
