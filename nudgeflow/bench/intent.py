@@ -63,16 +63,21 @@ def sample_stream(users: int, hours: float, seed: int = 7) -> Stream:
     return stream
 
 
-def _detect_cpu_s(config: RulesConfig, stream: Stream) -> float:
-    detector = Detector(config)
+def _detect(detector: Detector, stream: Stream) -> None:
+    """Every event of `stream` through `detector`, each user's state kept as the flow keeps it."""
     users: dict[str, Any] = {}
-    gc.collect()
-    start = time.thread_time()
     for event, stamp, profile in stream:
         state = users.get(event.user_id)
         if state is None:
             state = users[event.user_id] = detector.new_user(event.user_id)
         detector.process(state, event, profile, stream=stamp)
+
+
+def _detect_cpu_s(config: RulesConfig, stream: Stream) -> float:
+    detector = Detector(config)
+    gc.collect()
+    start = time.thread_time()
+    _detect(detector, stream)
     return time.thread_time() - start
 
 
@@ -92,13 +97,8 @@ def _inside_rule_s(config: RulesConfig, stream: Stream) -> tuple[float, float]:
         spent[1] += clock() - start
 
     logic.on_event = timed  # type: ignore[method-assign]
-    users: dict[str, Any] = {}
     gc.collect()
-    for event, stamp, profile in stream:
-        state = users.get(event.user_id)
-        if state is None:
-            state = users[event.user_id] = detector.new_user(event.user_id)
-        detector.process(state, event, profile, stream=stamp)
+    _detect(detector, stream)
     return spent[0] / 1e9, spent[1] / 1e9
 
 
@@ -114,12 +114,7 @@ def _vectors(stream: Stream) -> list[tuple[float, ...]]:
     detector, logic = features_only_detector()
     recorder = FeatureRecorder()
     logic.log = recorder
-    users: dict[str, Any] = {}
-    for event, stamp, profile in stream:
-        state = users.get(event.user_id)
-        if state is None:
-            state = users[event.user_id] = detector.new_user(event.user_id)
-        detector.process(state, event, profile, stream=stamp)
+    _detect(detector, stream)
     return [s.vector for s in recorder.samples]
 
 
@@ -181,12 +176,7 @@ def _scored_events(config: RulesConfig, stream: Stream) -> int:
     logic = next(x for x in detector.logics if isinstance(x, HighIntentLogic))
     counter = _Counter()
     logic.log = counter
-    users: dict[str, Any] = {}
-    for event, stamp, profile in stream:
-        state = users.get(event.user_id)
-        if state is None:
-            state = users[event.user_id] = detector.new_user(event.user_id)
-        detector.process(state, event, profile, stream=stamp)
+    _detect(detector, stream)
     return counter.count
 
 
