@@ -11,7 +11,7 @@ shard holds its users' `UserSlot`s. Measured:
   which is real memory too;
 - `full_gc_ms`: a full garbage collection with every state held (and
   `scaled_full_gc_ms` with the clones), the pause the live flow avoids;
-- `pickled`: the size of each user's snapshot (`shard_snapshot.encode_user`), a
+- `pickled`: the size of each user's snapshot (`operators.snapshot.encode`), a
   cross-check that does not depend on the allocator.
 
 With CLONES = k > 1 the held states are then copied k-1 times under new user
@@ -135,10 +135,10 @@ def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
 
 def clone_logic(detector: Any, clock: Any, slot: Any, new_id: str) -> Any:
     """A copy of the user `slot` under `new_id`, unpickled from its snapshot: nothing shared."""
-    from nudgeflow.operators import shard_snapshot, snapshot
+    from nudgeflow.operators import snapshot
     from nudgeflow.operators.detect import UserSlot
 
-    blob = shard_snapshot.encode_user(detector, slot.state, slot.last_arrival, slot.source)
+    blob = snapshot.encode(detector, slot.state, slot.last_arrival, slot.source)
     state, last_arrival, source = snapshot.decode(detector, blob)
     state.user_id = new_id
     return UserSlot(state, last_arrival, source)
@@ -155,9 +155,9 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str,
     after = _settle()
     logics = built.logics
     users = len(logics)
-    from nudgeflow.operators.shard_snapshot import encode_user
+    from nudgeflow.operators.snapshot import encode
 
-    snapshots = [encode_user(detector, slot.state, slot.last_arrival, slot.source)
+    snapshots = [encode(detector, slot.state, slot.last_arrival, slot.source)
                  for slot in logics.values()]
     pickled = sum(len(s) for s in snapshots)
     result: dict[str, Any] = {

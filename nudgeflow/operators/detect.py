@@ -42,7 +42,7 @@ from nudgeflow.core.outcomes import Outcome
 from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
-from nudgeflow.operators import shard_snapshot
+from nudgeflow.operators import shard_snapshot, snapshot
 from nudgeflow.operators.detector import Detector, UserState
 from nudgeflow.operators.event_time import Admit
 
@@ -292,7 +292,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         blobs = []
         for slot in self.users.values():
             if slot.blob is None:  # only users changed since the last snapshot are encoded
-                slot.blob = shard_snapshot.encode_user(
+                slot.blob = snapshot.encode(
                     self.detector, slot.state, slot.last_arrival, slot.source)
             blobs.append(slot.blob)
         return shard_snapshot.encode(blobs, self.shards)

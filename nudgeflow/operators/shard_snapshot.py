@@ -37,11 +37,6 @@ class ShardLayoutError(snapshot.SnapshotFormatError):
     """A snapshot written under another keying (per user, or another shard count)."""
 
 
-def encode_user(detector: Detector, user: UserState, wall_ms: int | None,
-                source: str | None) -> bytes:
-    return snapshot.encode(detector, user, wall_ms, source)
-
-
 def encode(blobs: Sequence[bytes], shards: int) -> bytes:
     """A shard's snapshot from its users' blobs; with `shards=0`, the one user's blob."""
     if shards <= 0:
