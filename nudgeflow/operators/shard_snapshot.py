@@ -14,14 +14,11 @@ exactly as before shards, so recovery directories written then still resume.
 
 from __future__ import annotations
 
-import pickle
-import sqlite3
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from nudgeflow.core.errors import ConfigError
 from nudgeflow.operators import snapshot
 from nudgeflow.operators.detector import Detector, UserState
 
@@ -93,20 +90,9 @@ def mismatch(written: int, configured: int) -> str:
 
 def check_layout(directory: Path, step_id: str, shards: int) -> None:
     """Refuse, in one line, a recovery directory whose detect state is keyed otherwise."""
-    for path in sorted(directory.glob("*.sqlite3")):
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-                row = db.execute(
-                    "SELECT ser_change FROM snaps WHERE step_id = ? AND ser_change IS NOT NULL"
-                    " LIMIT 1", (step_id,),
-                ).fetchone()
-        except sqlite3.Error as exc:
-            msg = f"recovery directory {directory}: cannot read {path.name}: {exc}"
-            raise ConfigError(msg) from None
-        if row is None:
+    for blob in snapshot.first_snapshots(directory, step_id):
+        if blob is None:
             continue
-        # bytewax pickles the bytes our `snapshot()` returned; our own recovery store.
-        blob = pickle.loads(row[0])
         written = layout(blob) if isinstance(blob, bytes) else 0
         if written != shards:
             msg = (f"recovery directory {directory}: {mismatch(written, shards)}; set "

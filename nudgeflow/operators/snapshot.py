@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -171,6 +171,28 @@ def describe_format(blob: bytes) -> str:
     return f"per-user state in {found}; this nudgeflow reads formats {readable}"
 
 
+def first_snapshots(
+    directory: Path, step_id: str, where: str = "", params: tuple[Any, ...] = ()
+) -> Iterator[Any]:
+    """Per SQLite file of a recovery directory, the step's first stored snapshot (or None).
+
+    `where` narrows it (SQL over `ser_change`, with `params`). The value is what our
+    `snapshot()` returned, which bytewax pickles into our own recovery store.
+    """
+    for path in sorted(directory.glob("*.sqlite3")):
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                row = db.execute(
+                    "SELECT ser_change FROM snaps WHERE step_id = ? AND ser_change IS NOT NULL"
+                    f" {where} LIMIT 1",
+                    (step_id, *params),
+                ).fetchone()
+        except sqlite3.Error as exc:
+            msg = f"recovery directory {directory}: cannot read {path.name}: {exc}"
+            raise ConfigError(msg) from None
+        yield None if row is None else pickle.loads(row[0])
+
+
 def check_recovery(
     directory: Path, step_id: str, unwrap: Callable[[bytes], bytes] = lambda blob: blob
 ) -> None:
@@ -181,20 +203,9 @@ def check_recovery(
     the first 64, after a shard's header (13 bytes) when the step is keyed by
     shard. `unwrap` gives the first user's bytes of a snapshot, for the message.
     """
-    for path in sorted(directory.glob("*.sqlite3")):
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-                ours = " AND ".join("instr(substr(ser_change, 1, 64), ?) = 0" for _ in _HEADERS)
-                row = db.execute(
-                    "SELECT ser_change FROM snaps WHERE step_id = ? AND ser_change IS NOT NULL"
-                    f" AND {ours} LIMIT 1",
-                    (step_id, *_HEADERS),
-                ).fetchone()
-        except sqlite3.Error as exc:
-            msg = f"recovery directory {directory}: cannot read {path.name}: {exc}"
-            raise ConfigError(msg) from None
-        if row is not None:
-            blob = pickle.loads(row[0])
+    others = " AND ".join("instr(substr(ser_change, 1, 64), ?) = 0" for _ in _HEADERS)
+    for blob in first_snapshots(directory, step_id, f"AND {others}", _HEADERS):
+        if blob is not None:
             found = describe_format(unwrap(blob) if isinstance(blob, bytes) else b"")
             msg = (f"recovery directory {directory} holds {found}: start with a new (empty) "
                    "recovery directory, or run the nudgeflow that wrote it")
