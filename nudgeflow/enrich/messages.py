@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_TEMPLATES_DIR",
     "SMS_LIMIT",
     "MessageRenderer",
+    "ProfileRender",
     "RenderedMessage",
     "SampleRender",
     "gsm7_length",
@@ -386,17 +387,9 @@ class MessageRenderer:
             )
         return message
 
-    def for_profiles(self, profiles: ProfileLookup) -> Callable[[Decision], dict[str, str]]:
-        """A `nudgeflow.sinks.dispatch.Render`: looks the profile up, renders, returns JSON."""
-
-        def render(decision: Decision) -> dict[str, str]:
-            profile = decision.profile
-            if not isinstance(profile, Profile):  # fired by a timer, or resumed from a snapshot
-                user_id = decision.trigger.user_id
-                profile = profiles.lookup([user_id]).get(user_id, NO_PROFILE)
-            return self.render(decision, profile).to_json()
-
-        return render
+    def for_profiles(self, profiles: ProfileLookup) -> ProfileRender:
+        """A `nudgeflow.sinks.dispatch.Render` that looks up the profiles it lacks."""
+        return ProfileRender(self, profiles)
 
     def sample_renders(
         self, rule: Rule, config: RulesConfig, templates_dir: Path | None = None
@@ -505,3 +498,30 @@ def sample_contexts(rule: Rule) -> dict[str, tuple[Trigger, Profile]]:
         )
         out[sample] = (trigger, profile)
     return out
+
+
+class ProfileRender:
+    """Renders decisions' messages as JSON (a `nudgeflow.sinks.dispatch.Render`).
+
+    A decision fired by an event carries its profile. One fired by a timer, or
+    resumed from a snapshot, has none: its profile is looked up, once for all of
+    a batch request's decisions, because each lookup that misses the cache is a
+    Redis round trip on the dispatch thread.
+    """
+
+    def __init__(self, renderer: MessageRenderer, profiles: ProfileLookup) -> None:
+        self._renderer = renderer
+        self._profiles = profiles
+
+    def __call__(self, decision: Decision) -> dict[str, str]:
+        return self.many([decision])[0]
+
+    def many(self, decisions: Sequence[Decision]) -> list[dict[str, str]]:
+        lacking = [d.trigger.user_id for d in decisions if not isinstance(d.profile, Profile)]
+        found = self._profiles.lookup(lacking) if lacking else {}
+        render = self._renderer.render
+        return [
+            render(d, d.profile if isinstance(d.profile, Profile)
+                   else found.get(d.trigger.user_id, NO_PROFILE)).to_json()
+            for d in decisions
+        ]

@@ -121,8 +121,14 @@ class DispatchResult:
 FailureCallback = Callable[[Decision, DispatchResult], None]
 Sleep = Callable[[float], Awaitable[None]]
 ClientFactory = Callable[[], httpx.AsyncClient]
-# The personalised message of one decision: {"subject"?: str, "body": str}.
-Render = Callable[[Decision], dict[str, str]]
+class Render(Protocol):
+    """Adds the personalised message, `{"subject"?: str, "body": str}`, to bodies."""
+
+    def __call__(self, decision: Decision) -> dict[str, str]: ...
+
+    def many(self, decisions: Sequence[Decision]) -> list[dict[str, str]]:
+        """The messages of a batch request's decisions, in order (one lookup for them all)."""
+        ...
 
 
 def raise_dispatch_error(decision: Decision, result: DispatchResult) -> None:
@@ -282,7 +288,7 @@ class Dispatcher:
             return None
         start = self._clock()
         try:
-            bodies = [self._body(decision) for decision in decisions]
+            bodies = self._bodies(decisions)
             content = orjson.dumps(bodies)
         except Exception:  # the single path reports it, decision by decision
             return None
@@ -317,6 +323,13 @@ class Dispatcher:
         if self._render is not None:
             body["message"] = self._render(decision)
         return body
+
+    def _bodies(self, decisions: Sequence[Decision]) -> list[dict[str, Any]]:
+        bodies = [decision.dispatch_body() for decision in decisions]
+        if self._render is not None:
+            for body, message in zip(bodies, self._render.many(decisions), strict=True):
+                body["message"] = message
+        return bodies
 
     def fail(self, decision: Decision, result: DispatchResult) -> None:
         """Hand a decision the API did not take to the failure callback."""
@@ -596,13 +609,15 @@ class _Batcher:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
-    async def deliver(self, decision: Decision) -> DispatchResult:
+    async def deliver_all(self, decisions: Sequence[Decision]) -> list[DispatchResult]:
+        """Each decision's result, in order, once all of them are answered."""
         if not self._dispatcher.batches:
-            return await self._dispatcher.send_one(decision)
-        future: asyncio.Future[DispatchResult] = asyncio.get_running_loop().create_future()
-        self._waiting.append((decision, future))
+            return list(await asyncio.gather(*(self._dispatcher.send_one(d) for d in decisions)))
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in decisions]
+        self._waiting.extend(zip(decisions, futures, strict=True))
         self._start()
-        return await future
+        return list(await asyncio.gather(*futures))
 
     def _start(self) -> None:
         while self._waiting and self._in_flight < _BATCHES_IN_FLIGHT:
@@ -666,7 +681,7 @@ class _DispatchPartition(StatefulSinkPartition[Decision, None]):
         self._batcher = _Batcher(self._dispatcher, batch_max)
         self._slots = threading.BoundedSemaphore(max_queued)
         self._lock = threading.Lock()
-        self._pending: set[concurrent.futures.Future[DispatchResult]] = set()
+        self._pending: set[concurrent.futures.Future[list[DispatchResult]]] = set()
         self._idle = threading.Event()
         self._idle.set()
         self._failed_here = False
@@ -676,26 +691,41 @@ class _DispatchPartition(StatefulSinkPartition[Decision, None]):
 
     def write_batch(self, values: list[Decision]) -> None:
         self._raise_errors()
+        # One hand-over per batch, not per decision: each wakes the loop's thread, and
+        # decisions handed over together can share a batch request.
+        group: list[Decision] = []
         for decision in values:
             if not decision.dispatched:
                 continue
-            self._slots.acquire()
-            future = self._background.submit(self._batcher.deliver(decision))
-            with self._lock:
-                self._pending.add(future)
-                self._idle.clear()
-            future.add_done_callback(functools.partial(self._answered, decision))
+            if not self._slots.acquire(blocking=False):
+                self._hand_over(group)  # what already has its slots goes first
+                group = []
+                self._slots.acquire()
+            group.append(decision)
+        self._hand_over(group)
+
+    def _hand_over(self, decisions: list[Decision]) -> None:
+        if not decisions:
+            return
+        future = self._background.submit(self._batcher.deliver_all(decisions))
+        with self._lock:
+            self._pending.add(future)
+            self._idle.clear()
+        future.add_done_callback(functools.partial(self._answered, decisions))
 
     def _answered(
-        self, decision: Decision, future: concurrent.futures.Future[DispatchResult]
+        self, decisions: list[Decision],
+        future: concurrent.futures.Future[list[DispatchResult]],
     ) -> None:
         try:
-            result = future.result()
-            metrics.record_dispatch(decision, decision.cause, ok=result.ok,
-                                    attempts=result.attempts, answered_ms=now_ms())
-            if not result.ok:
-                self._failed_here = True
-                self._dispatcher.fail(decision, result)
+            results = future.result()
+            answered_ms = now_ms()
+            for decision, result in zip(decisions, results, strict=True):
+                metrics.record_dispatch(decision, decision.cause, ok=result.ok,
+                                        attempts=result.attempts, answered_ms=answered_ms)
+                if not result.ok:
+                    self._failed_here = True
+                    self._dispatcher.fail(decision, result)
         except BaseException as exc:  # re-raised on the worker's thread
             self._errors.append(exc)
         finally:
@@ -703,7 +733,7 @@ class _DispatchPartition(StatefulSinkPartition[Decision, None]):
                 self._pending.discard(future)
                 if not self._pending:
                     self._idle.set()
-            self._slots.release()
+            self._slots.release(len(decisions))
 
     def snapshot(self) -> None:
         """The epoch's barrier: every decision handed over so far is answered or dead-lettered."""

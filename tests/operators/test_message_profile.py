@@ -8,6 +8,8 @@ and the renderer asks the profile store.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import orjson
 from rule_texts import CART_ABANDONMENT, rules_yaml
 
@@ -77,3 +79,38 @@ def test_the_decision_profile_is_not_part_of_its_content() -> None:
         detector.process(user, event("a", "page_view", 0, **view), profile)
         decisions += detector.process(user, event("b", "page_view", 1000, **view), profile)[1]
     assert decisions[0] == decisions[1]  # equal decisions whatever the name
+
+
+class _CountingProfiles:
+    def __init__(self, profiles: dict[str, Profile]) -> None:
+        self.store = StaticProfiles(profiles)
+        self.calls: list[list[str]] = []
+
+    def lookup(self, user_ids: Iterable[str]) -> dict[str, Profile]:
+        wanted = list(user_ids)
+        self.calls.append(wanted)
+        return self.store.lookup(wanted)
+
+
+def test_a_batch_of_decisions_looks_up_the_profiles_it_lacks_at_once() -> None:
+    config = parse_rules(rules_yaml(INTEREST, CART_ABANDONMENT))
+    detector = Detector(config)
+    fired_by_timers: list[Decision] = []
+    for n in range(3):
+        user = detector.new_user(f"u{n}")
+        detector.process(user, event(f"c{n}", "add_to_cart", 0, product_id="p1"), ADA)
+        fired_by_timers += detector.finish(user, 16 * 60_000)
+    user = detector.new_user("ada")
+    view = {"page_type": "product", "product_id": "p1"}
+    detector.process(user, event("a", "page_view", 0, **view), ADA)
+    fired_by_event = detector.process(user, event("b", "page_view", 1000, **view), ADA)[1]
+    names = {f"u{n}": Profile(segment="regular", opt_in=("email",), name=f"Bea{n}")
+             for n in range(3)}
+    profiles = _CountingProfiles(names)
+    render = MessageRenderer.load(DEFAULT_TEMPLATES, config).for_profiles(profiles)
+
+    messages = render.many([*fired_by_timers, *fired_by_event])
+
+    assert profiles.calls == [["u0", "u1", "u2"]]  # one lookup, only for the timers' decisions
+    assert [f"Bea{n}" in _text(m) for n, m in enumerate(messages[:3])] == [True] * 3
+    assert "Ada" in _text(messages[3])

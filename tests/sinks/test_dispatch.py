@@ -630,3 +630,42 @@ def test_a_refused_batch_falls_back_to_single_requests_with_their_retries() -> N
                if r.url.path == "/api/trigger"}
     assert singles == {d.trigger.trigger_id for d in decisions}
     assert all(not f.items for f in failures)
+
+
+def _sink_partition(api: Api, **settings: Any) -> Any:
+    sink = DispatchSink(
+        make_settings(**settings),
+        client_factory=lambda: httpx.AsyncClient(transport=httpx.MockTransport(api)),
+        sleep=FakeSleep(),
+    )
+    return sink.build_part("dispatch", "dispatch-0", None)
+
+
+def test_a_batch_written_together_goes_out_as_one_request() -> None:
+    api = BatchApi()
+    decisions = [make_decision(n) for n in range(40)]
+    partition = _sink_partition(api, batch_max=50)
+    try:
+        partition.write_batch(decisions)
+        partition.snapshot()  # the epoch's barrier: every one answered
+    finally:
+        partition.close()
+
+    assert api.batches == [[d.trigger.trigger_id for d in decisions]]
+    assert [r.url.path for r in api.requests] == ["/api/triggers"]
+
+
+def test_a_batch_larger_than_the_queue_waits_for_room_and_loses_nothing() -> None:
+    api = BatchApi()
+    decisions = [make_decision(n) for n in range(25)]
+    partition = _sink_partition(api, batch_max=50, max_queued=10)
+    try:
+        partition.write_batch(decisions)
+        partition.snapshot()
+    finally:
+        partition.close()
+
+    sent = [tid for batch in api.batches for tid in batch] + [
+        r.headers["Idempotency-Key"] for r in api.requests if r.url.path == "/api/trigger"]
+    assert sorted(sent) == sorted(d.trigger.trigger_id for d in decisions)
+    assert max(len(batch) for batch in api.batches) <= 10  # never more than max_queued held
