@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Final
+
+# A partition read within this long is still being read (`ClockReading.catching_up`).
+READING_MS: Final = 1_000
 
 
 # Made per event, so not frozen (the note in nudgeflow.core.envelope); never changed once made.
@@ -43,9 +47,6 @@ class ClockReading:
     # `S` moved faster than the wall clock over the latest second of reads (a backlog)
     fast: bool = False
 
-    # A partition read within this long is still being read.
-    READING_MS = 1_000
-
     def at(self, now: int | None) -> int:
         """`S` at wall time `now` (replay: `m`)."""
         if now is None or self.wall_at_read is None:
@@ -54,7 +55,7 @@ class ClockReading:
 
     def catching_up(self, now: int) -> bool:
         """Whether `S` may be moving faster than the wall clock now (a backlog being read)."""
-        if self.wall_at_read is None or now - self.wall_at_read >= self.READING_MS:
+        if self.wall_at_read is None or now - self.wall_at_read >= READING_MS:
             return False
         return self.fast
 

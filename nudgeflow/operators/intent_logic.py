@@ -39,17 +39,20 @@ class FeatureLog(Protocol):
         """A purchase applied in `session` at `ts`."""
 
 
+default_log: FeatureLog | None = None
+
+
 class HighIntentLogic(RuleLogic):
     kind = "high_intent"
     needs_sessions = True
-    watches = frozenset(EVENT_TYPES)
-    # Where scored vectors go besides the model: the training command sets one on its
-    # logic; None in the flow.
-    log: FeatureLog | None = None
 
     def __init__(self, config: HighIntentRule, order: int) -> None:
         super().__init__(config, order)
         self.rule = config
+        self.watches = frozenset(EVENT_TYPES)
+        # Where scored vectors go besides the model: the training command sets one on its
+        # logic; in the flow, `default_log` (None; a test sets it to see the flow's vectors).
+        self.log: FeatureLog | None = default_log
         # No model (`model: ""`, only built by the training command): log, never fire.
         self.model: IntentModel | None = load_model(config.model) if config.model else None
 

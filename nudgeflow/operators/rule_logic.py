@@ -92,16 +92,12 @@ class RuleLogic(Logic):
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[RuleLogic]]] = {}
-    # The trigger type whose firings this rule consumes (absence after a trigger, sequences).
-    listens_to: str | None = None
-    # The event types `on_event` can act on: the detector shows a rule no other.
-    watches: frozenset[str] = frozenset()
     # Whether `on_event` needs the session the event was placed in.
     needs_sessions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        kind = cls.__dict__.get("kind")
+        kind = vars(cls).get("kind")
         if kind is not None:
             RuleLogic.registry[kind] = cls
 
@@ -110,6 +106,11 @@ class RuleLogic(Logic):
         self.order = order
         self.name = config.name
         self.fingerprint = config.detection_fingerprint()
+        # Set in `__init__`, not as class defaults, which compiled classes do not inherit.
+        # The trigger type whose firings this rule consumes (absence after a trigger, sequences).
+        self.listens_to: str | None = None
+        # The event types `on_event` can act on: the detector shows a rule no other.
+        self.watches: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, config: Any, order: int, sessions: SessionMatchers) -> RuleLogic:

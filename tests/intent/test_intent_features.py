@@ -14,7 +14,7 @@ from nudgeflow.app.replay import run_replay
 from nudgeflow.app.samples import SampleSpec, write_sample
 from nudgeflow.core.intent.features import FEATURES, HISTORY_MS, IntentState, local_hour
 from nudgeflow.core.rules import parse_rules
-from nudgeflow.operators.intent_logic import HighIntentLogic
+from nudgeflow.operators import intent_logic
 
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 MIN = 60_000
@@ -105,7 +105,7 @@ def test_offline_and_flow_vectors_are_bit_identical(
     # that training does (after a firing, the flow stops scoring that session).
     rules = parse_rules(rules_text(model, threshold=1.0))
     online = FeatureRecorder()
-    monkeypatch.setattr(HighIntentLogic, "log", online)
+    monkeypatch.setattr(intent_logic, "default_log", online)
     run_replay(events, tmp_path / "out.jsonl", profiles=profiles, rules=rules, workers=2)
     offline = extract(events, profiles=profiles)
     assert len(offline.samples) > 1000

@@ -6,7 +6,12 @@ import orjson
 from bytewax.testing import TestingSource
 
 from nudgeflow.core.envelope import DeadLetter, Envelope, Origin, open_envelope
-from nudgeflow.core.stream_clock import ClockReading, PartitionClocks, StreamClock, StreamStamp
+from nudgeflow.core.stream_clock import (
+    READING_MS,
+    PartitionClocks,
+    StreamClock,
+    StreamStamp,
+)
 from nudgeflow.sources.stamped import StampedSource
 
 MIN = 60_000
@@ -41,7 +46,7 @@ def test_a_partition_whose_clock_outruns_the_wall_is_catching_up() -> None:
     clock.read(10 * MIN, wall + 100)  # a backlog: ten minutes of events in 100 ms
     reading = clock.reading
     assert reading is not None and reading.catching_up(wall + 200)
-    assert not reading.catching_up(wall + 100 + ClockReading.READING_MS)  # read it all
+    assert not reading.catching_up(wall + 100 + READING_MS)  # read it all
 
     # Events read as they happen, however far behind the wall clock they are stamped.
     lagging = StreamClock()

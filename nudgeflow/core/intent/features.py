@@ -80,14 +80,17 @@ def local_hour(ts: int, zone_name: str) -> int:
     return _local_hour(zone_name, ts // _QUARTER_HOUR_MS)
 
 
+_FIELDS: Final = (
+    "cart_adds", "cart_removes", "checkouts", "dwell_ms", "events", "fired",
+    "last_purchase", "latest", "past_purchases", "past_sessions", "previous_latest",
+    "pricing_views", "product_views", "products", "purchased", "session", "start", "views",
+)
+
+
 class IntentState:
     """One user's feature accumulator: plain numbers, dumped to a list for snapshots."""
 
-    __slots__ = (
-        "cart_adds", "cart_removes", "checkouts", "dwell_ms", "events", "fired",
-        "last_purchase", "latest", "past_purchases", "past_sessions", "previous_latest",
-        "pricing_views", "product_views", "products", "purchased", "session", "start", "views",
-    )
+    __slots__ = _FIELDS
 
     def __init__(self) -> None:
         self.reset()
@@ -202,12 +205,12 @@ class IntentState:
         return self.session < 0
 
     def to_data(self) -> list[Any]:
-        return [getattr(self, name) for name in self.__slots__]
+        return [getattr(self, name) for name in _FIELDS]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> IntentState:
         state = cls()
-        for name, value in zip(cls.__slots__, data, strict=True):
+        for name, value in zip(_FIELDS, data, strict=True):
             setattr(state, name, value)
         state.products = list(state.products)
         return state
