@@ -12,7 +12,10 @@
 #    and installs Debian's chromium and chromium-driver when missing (the dashboard's and
 #    the tracker's browser tests drive them; nothing downloads a browser), and takes
 #    promtool out of Debian's prometheus package (a test evaluates the Grafana PromQL),
-# 4. `.venv/bin/python -m pytest "$@"`, exiting with pytest's exit code.
+# 4. `.venv/bin/python -m pytest "$@"`,
+# 5. with no pytest args (and unless NATIVE=0), scripts/test-native.sh: the compiled
+#    build (NUDGEFLOW_MYPYC=1) under the detection, spec, replay and flow suites;
+#    exiting with the first failing exit code.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,7 +65,7 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 stamp="$VENV/.nudgeflow-install.sha256"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)"
 if [[ "${FORCE_INSTALL:-0}" == "1" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]] ||
   ! "$PY" -c 'import nudgeflow, pytest' >/dev/null 2>&1; then
   log "pip install -e '.[dev]'"
@@ -126,4 +129,10 @@ fi
 log "pytest ${pytest_args[*]:-}"
 rc=0
 "$PY" -m pytest ${pytest_args[@]+"${pytest_args[@]}"} || rc=$?
+
+# --- 5. the compiled build --------------------------------------------------
+# A whole run (no pytest args) also tests the compiled detection the image ships.
+if [[ "$rc" -eq 0 && ${#pytest_args[@]} -eq 0 && "${NATIVE:-1}" != "0" ]]; then
+  "$ROOT/scripts/test-native.sh" || rc=$?
+fi
 exit "$rc"

@@ -272,15 +272,19 @@ def test_every_nudgeflow_variable_is_a_settings_field(
 
 def test_dockerfile() -> None:
     instructions = _dockerfile_instructions()
-    froms = [rest for keyword, rest in instructions if keyword == "FROM"]
-    assert len(froms) == 1
+    froms = [rest.split(" AS ")[0] for keyword, rest in instructions if keyword == "FROM"]
+    assert len(froms) == 2  # the build stage (a compiler) and the image
     # Pinned to a patch release of 3.11 slim (optionally a digest too), never a moving tag.
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", froms[0])
+    for base in froms:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", base)
+    assert froms[0] == froms[1], "the wheel is built for the image's own Python"
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users, "the image must not run as root"
     assert users[-1].split(":")[0] not in {"root", "0"}
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    assert "pip install --no-cache-dir ." in runs
+    # The build stage compiles the detection (setup.py); the image installs only the wheel.
+    assert "NUDGEFLOW_MYPYC=1 pip wheel --no-cache-dir --no-deps -w /wheels ." in runs
+    assert "pip install --no-cache-dir /wheels/*.whl" in runs
     # The rules and templates are package data: nothing may point outside the package.
     assert "NUDGEFLOW_RULES" not in _dockerfile_env()
     assert ("ENTRYPOINT", '["nudgeflow"]') in instructions

@@ -882,7 +882,8 @@ def render(result: dict[str, Any]) -> str:
         f"{result['duration_s']:.0f} s",
         f"machine: {machine['nproc']} x {machine['cpu_model']}, {machine['memory_gb']} GB, "
         f"Python {machine['python']}, bytewax {machine['bytewax']}, "
-        f"load {machine.get('load_average_at_start')}",
+        f"load {machine.get('load_average_at_start')}, detection "
+        f"{'compiled (NUDGEFLOW_MYPYC=1)' if machine.get('detection_compiled') else 'pure Python'}",
         "",
         table(result),
         "",

@@ -64,6 +64,8 @@ def _memory_gb() -> float | None:
 def machine_info() -> dict[str, Any]:
     from importlib.metadata import version
 
+    from nudgeflow.operators.native import compiled
+
     def load() -> list[float] | None:
         try:
             return [round(x, 2) for x in os.getloadavg()]
@@ -79,6 +81,8 @@ def machine_info() -> dict[str, Any]:
         "bytewax": version("bytewax"),
         "confluent_kafka": version("confluent-kafka"),
         "load_average_at_start": load(),
+        # a build with NUDGEFLOW_MYPYC=1 (setup.py), as the Docker image is
+        "detection_compiled": compiled(),
     }
 
 
