@@ -12,7 +12,7 @@ costs, for N users touched in one epoch:
 1. **base**: the recorded stream (LINES, PROFILES as `nudgeflow.bench.memory`
    reads them) through one `_DetectLogic` per user, as the live flow holds them;
 2. **N users**: the base users, and when N is more, copies of them under new
-   ids (each a pickle round trip of a base user's state: nothing shared),
+   ids (each decoded from a base user's snapshot: nothing shared),
    cycling over the base until there are N;
 3. **snapshot**: R times, `logic.snapshot()` of all N users, timed (the GC on,
    as in the flow): `ms` per epoch, and the bytes
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import pickle
 import shutil
 import statistics
 import sys
@@ -63,15 +62,16 @@ def users_label(users: int) -> str:
 
 
 def _grow(built: Any, logics: list[Any], target: int) -> None:
-    from nudgeflow.operators.detect import UserSlot
-
     """Append copies of the base users to `logics` until it holds `target`.
 
-    A copy is the base user's `UserState` through a pickle round trip (nothing
-    shared, and 10x faster than decoding its snapshot), under a new id.
+    A copy is the base user's snapshot decoded under a new id: nothing shared.
+    Not a pickle of the state: the compiled build's classes do not all pickle.
     """
+    from nudgeflow.operators import snapshot
+    from nudgeflow.operators.detect import UserSlot
+
     base = list(built.logics.values())
-    pickled = [pickle.dumps(logic.state, protocol=pickle.HIGHEST_PROTOCOL) for logic in base]
+    blobs = [snapshot.encode(built.detector, slot.state, None, None) for slot in base]
     # Without the collector while millions of objects are made (its full passes over a
     # growing heap would take longer than the copying); one full pass afterwards.
     gc.disable()
@@ -79,7 +79,7 @@ def _grow(built: Any, logics: list[Any], target: int) -> None:
         while len(logics) < target:
             k = len(logics)
             original = base[k % len(base)]
-            state = pickle.loads(pickled[k % len(base)])  # our own bytes, just made
+            state = snapshot.decode(built.detector, blobs[k % len(base)])[0]
             state.user_id = f"s{k // len(base)}-{original.state.user_id}"
             logics.append(UserSlot(state, original.last_arrival, original.source))
     finally:
