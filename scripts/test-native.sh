@@ -2,6 +2,7 @@
 # The compiled build (NUDGEFLOW_MYPYC=1, setup.py) under the tests of what it compiles.
 #
 #   scripts/test-native.sh [pytest args...]
+#   scripts/test-native.sh --build     # only build build/native-site (for the bench)
 #
 # Builds the wheel with .venv's mypyc (scripts/test.sh makes .venv), unpacks it into
 # build/native-site, checks that it installs nothing but nudgeflow/ and that its
@@ -33,6 +34,10 @@ tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist() if ".dist-inf
 sys.exit(tops != {"nudgeflow"})
 PYCHECK
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${1:-}" == "--build" ]]; then
+  log "built: PYTHONPATH=$SITE, from a directory outside the repository"
+  exit 0
+fi
 (cd /tmp && "$PY" -c 'from nudgeflow.operators.native import compiled; raise SystemExit(not compiled())') ||
   die "nudgeflow from $SITE is not the compiled one"
 
