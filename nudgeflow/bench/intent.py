@@ -88,10 +88,10 @@ def _inside_rule_s(config: RulesConfig, stream: Stream) -> tuple[float, float] |
 
     None when the rule is compiled (`NUDGEFLOW_MYPYC=1`): its method cannot be wrapped.
     """
-    detector = Detector(config)
-    logic = next(x for x in detector.logics if isinstance(x, HighIntentLogic))
     if compiled():
         return None
+    detector = Detector(config)
+    logic = next(x for x in detector.logics if isinstance(x, HighIntentLogic))
     on_event = logic.on_event
     spent = [0, 0]
     clock = time.thread_time_ns
