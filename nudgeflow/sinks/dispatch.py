@@ -717,17 +717,22 @@ class _DispatchPartition(StatefulSinkPartition[Decision, None]):
         self, decisions: list[Decision],
         future: concurrent.futures.Future[list[DispatchResult]],
     ) -> None:
+        results: list[DispatchResult] = []
         try:
             results = future.result()
-            answered_ms = now_ms()
-            for decision, result in zip(decisions, results, strict=True):
-                metrics.record_dispatch(decision, decision.cause, ok=result.ok,
-                                        attempts=result.attempts, answered_ms=answered_ms)
-                if not result.ok:
-                    self._failed_here = True
-                    self._dispatcher.fail(decision, result)
         except BaseException as exc:  # re-raised on the worker's thread
             self._errors.append(exc)
+        try:
+            answered_ms = now_ms()
+            for decision, result in zip(decisions[: len(results)], results, strict=True):
+                try:  # each on its own: one failure callback that raises skips no other
+                    metrics.record_dispatch(decision, decision.cause, ok=result.ok,
+                                            attempts=result.attempts, answered_ms=answered_ms)
+                    if not result.ok:
+                        self._failed_here = True
+                        self._dispatcher.fail(decision, result)
+                except BaseException as exc:
+                    self._errors.append(exc)
         finally:
             with self._lock:
                 self._pending.discard(future)

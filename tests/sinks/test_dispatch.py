@@ -632,10 +632,14 @@ def test_a_refused_batch_falls_back_to_single_requests_with_their_retries() -> N
     assert all(not f.items for f in failures)
 
 
-def _sink_partition(api: Api, **settings: Any) -> Any:
+def _sink_partition(
+    api: Api, failure_factory: Callable[[], Callable[[Decision, DispatchResult], None]]
+    | None = None, **settings: Any,
+) -> Any:
     sink = DispatchSink(
         make_settings(**settings),
         client_factory=lambda: httpx.AsyncClient(transport=httpx.MockTransport(api)),
+        failure_factory=failure_factory,
         sleep=FakeSleep(),
     )
     return sink.build_part("dispatch", "dispatch-0", None)
@@ -669,3 +673,26 @@ def test_a_batch_larger_than_the_queue_waits_for_room_and_loses_nothing() -> Non
         r.headers["Idempotency-Key"] for r in api.requests if r.url.path == "/api/trigger"]
     assert sorted(sent) == sorted(d.trigger.trigger_id for d in decisions)
     assert max(len(batch) for batch in api.batches) <= 10  # never more than max_queued held
+
+
+def test_a_failure_callback_that_raises_skips_no_other_failure_of_its_batch() -> None:
+    decisions = [make_decision(n) for n in range(6)]
+    refused = [decisions[1], decisions[4]]
+    api = Api({d.trigger.trigger_id: [httpx.Response(400, json={"error": "bad"})]
+               for d in refused})
+    seen: list[Decision] = []
+
+    def stop_on_first(decision: Decision, result: DispatchResult) -> None:
+        seen.append(decision)
+        if len(seen) == 1:
+            raise DispatchError(decision.trigger.trigger_id, result.error or "")
+
+    partition = _sink_partition(api, lambda: stop_on_first, batch_max=50)
+    try:
+        partition.write_batch(decisions)
+        with pytest.raises(DispatchError):  # the flow stops, as the callback asked
+            partition.snapshot()
+    finally:
+        partition.close()
+
+    assert seen == refused  # the second refusal still reached the callback
