@@ -26,7 +26,7 @@ rm -rf "$WHEELS" "$SITE"
 log "NUDGEFLOW_MYPYC=1 pip wheel (mypyc, gcc)"
 NUDGEFLOW_MYPYC=1 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHEELS" . ||
   die "the compiled wheel did not build"
-"$PY" -m pip install -q --no-deps --target "$SITE" "$WHEELS"/nudgeflow-*.whl
+"$PY" -m pip install -q --no-deps --upgrade --target "$SITE" "$WHEELS"/nudgeflow-*.whl
 "$PY" - "$WHEELS" <<'PYCHECK' || die "the compiled wheel installs more than nudgeflow/"
 import sys, zipfile, pathlib
 (wheel,) = pathlib.Path(sys.argv[1]).glob("nudgeflow-*.whl")
