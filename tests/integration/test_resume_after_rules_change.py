@@ -19,6 +19,7 @@ import pytest
 from confluent_kafka import Producer
 from kafka_helpers import TopicFactory, consume_all
 from live_helpers import produce_by_partition, start_flow
+from rule_texts import CART_ABANDONMENT
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +30,7 @@ policies: {{frequency_cap: {{per_day: 1000, per_week: 1000}}}}
 rules:
 {rules}
 """
-CART = """
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 15m
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]"""
+CART = CART_ABANDONMENT
 INTEREST = """
   - name: product_interest
     kind: count_in_window

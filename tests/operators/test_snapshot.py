@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 from bytewax.recovery import init_db_dir
+from rule_texts import CART_ABANDONMENT
 
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import Profile
@@ -30,15 +31,7 @@ T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
 MIN = 60_000
 EMAIL = Profile(segment="regular", opt_in=("email",), timezone="Europe/Berlin", name="Ada")
 
-CART = """
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 15m
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-"""
+CART = CART_ABANDONMENT
 INTEREST = """
   - name: product_interest
     kind: count_in_window

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from rule_texts import CART_ABANDONMENT
 
 from nudgeflow.core.events import Event, decode_event
 from nudgeflow.core.profiles import Profile, held_profile, make_profile
@@ -11,16 +12,7 @@ from nudgeflow.core.rules import parse_rules
 from nudgeflow.operators.cart import EMPTY_CART
 from nudgeflow.operators.detector import Detector
 
-RULES = """
-rules:
-  - name: cart_abandonment
-    kind: absence
-    after: {event: add_to_cart}
-    timeout: 15m
-    cancel_on: [{event: purchase}, {cart: empty}]
-    metadata: cart
-    channels: [email]
-"""
+RULES = "rules:" + CART_ABANDONMENT
 T0 = 1_772_359_200_000
 MIN = 60_000
 EMAIL = Profile(segment="regular", opt_in=("email",))
