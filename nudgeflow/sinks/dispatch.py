@@ -121,10 +121,10 @@ class DispatchResult:
 FailureCallback = Callable[[Decision, DispatchResult], None]
 Sleep = Callable[[float], Awaitable[None]]
 ClientFactory = Callable[[], httpx.AsyncClient]
+
+
 class Render(Protocol):
     """Adds the personalised message, `{"subject"?: str, "body": str}`, to bodies."""
-
-    def __call__(self, decision: Decision) -> dict[str, str]: ...
 
     def many(self, decisions: Sequence[Decision]) -> list[dict[str, str]]:
         """The messages of a batch request's decisions, in order (one lookup for them all)."""
@@ -318,12 +318,6 @@ class Dispatcher:
         return [DispatchResult(tid, True, response.status_code, 1, None, latency_ms)
                 for tid in ids]
 
-    def _body(self, decision: Decision) -> dict[str, Any]:
-        body = decision.dispatch_body()
-        if self._render is not None:
-            body["message"] = self._render(decision)
-        return body
-
     def _bodies(self, decisions: Sequence[Decision]) -> list[dict[str, Any]]:
         bodies = [decision.dispatch_body() for decision in decisions]
         if self._render is not None:
@@ -368,7 +362,7 @@ class Dispatcher:
         trigger_id = decision.trigger.trigger_id
         start = self._clock()
         try:
-            body = self._body(decision)
+            (body,) = self._bodies([decision])
         except Exception as exc:  # a template or lookup problem: no retry can fix it
             why = f"message not rendered: {_describe(exc)}"
             return DispatchResult(trigger_id, False, None, 0, why, 0.0)
