@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import sqlite3
 from pathlib import Path
@@ -25,6 +26,7 @@ from nudgeflow.operators.snapshot import (
     dump_user,
     encode,
 )
+from nudgeflow.operators.snapshot_dictionary import DICTIONARY
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 T0 = 1_772_359_200_000  # 2026-03-01T10:00:00Z
@@ -188,16 +190,16 @@ def test_ties_between_restored_timers_follow_the_rules_file_as_it_is_now() -> No
     assert orders["cart_abandonment"] == resumed.detector.by_name["cart_abandonment"].order == 2
 
 
-@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("fmt", [2, 3, 4])
 def test_a_snapshot_of_each_readable_format_still_loads(fmt: int) -> None:
-    """The committed fixtures were written by FORMAT 2 and 3; every later format must read them."""
+    """The committed fixtures were written by FORMATs 2 to 4; every later format must read them."""
     blob = (FIXTURES / f"user_snapshot_format{fmt}.bin").read_bytes()
     assert blob[4] == fmt
     resumed = _resume(blob, BEFORE)
     resumed.send(6, "page_view", 20 * MIN, page_type="home")
     assert ("cart_abandonment", 15, "dispatched") in resumed.fired
-    # written before attribution existed: the abandonment it fires now is watched from now
-    assert len(resumed.user.attribution.watching) == 1
+    if fmt < 4:  # written before attribution existed: the abandonment fired now is watched
+        assert len(resumed.user.attribution.watching) == 1
 
 
 def test_an_upgrade_from_format_2_keeps_the_trigger_ids_the_policies_remember() -> None:
@@ -215,9 +217,33 @@ def test_an_upgrade_from_format_2_keeps_the_trigger_ids_the_policies_remember() 
     assert all(reread.policy.seen(trigger_id) for trigger_id in recent_ids)
 
 
+def test_the_preset_dictionary_is_frozen() -> None:
+    """Every format-4 snapshot ever written needs exactly these bytes to be read."""
+    assert hashlib.sha256(DICTIONARY).hexdigest() == (
+        "4fef4744e3027d5ba1bda1d15c474e0096895f5f84d950b4c42bfcf56ec9eb1a")
+
+
+def test_a_snapshot_costs_far_less_than_its_pickle() -> None:
+    """What a parked user costs in memory: the names every user repeats are nearly free."""
+    history = _history(Detector(parse_rules(BEFORE)))
+    blob = encode(history.detector, history.user, 0, "0-events")
+    pickled = pickle.dumps((dump_user(history.detector, history.user), 0, "0-events"),
+                           protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(blob) < 0.6 * len(pickled)
+
+
+def test_a_damaged_snapshot_is_refused_with_one_line() -> None:
+    history = _history(Detector(parse_rules(BEFORE)))
+    blob = encode(history.detector, history.user, 0, None)
+    with pytest.raises(SnapshotFormatError, match="format-4 user snapshot that does not inflate"
+                       ) as caught:
+        decode(history.detector, blob[:5] + bytes(b ^ 0xFF for b in blob[5:40]) + blob[40:])
+    assert "\n" not in str(caught.value)
+
+
 def test_a_snapshot_of_another_format_is_refused_with_one_line() -> None:
     old = pickle.dumps((UserState, None))  # what format 1 was: a pickled UserState
-    with pytest.raises(SnapshotFormatError, match=r"format 1 .*reads formats 2 and 3") as caught:
+    with pytest.raises(SnapshotFormatError, match=r"format 1 .*reads formats 2, 3 and 4") as caught:
         decode(Detector(parse_rules(BEFORE)), old)
     assert "\n" not in str(caught.value)
 
