@@ -215,7 +215,8 @@ def build_live_flow(
     keyed = op.key_on("by_shard", valid, shard_key(settings.detect_shards))
     detected = detect(DETECT_STEP, keyed, detector, clock=LiveClock(clock, partitions),
                       snapshots=settings.recovery_dir is not None,
-                      shards=settings.detect_shards)
+                      shards=settings.detect_shards,
+                      park_after_ms=round(settings.detect_park_after_s * 1000))
 
     late: Stream[Any] = op.map("late_letters", detected.late, lambda kv: kv[1])
     letters = op.merge("dead_letters", invalid, late)

@@ -21,6 +21,15 @@ of 500 events makes a few calls instead of hundreds. Users stay independent:
 each is driven exactly as a logic of their own would be, and their wake-up
 times are kept in a heap so a shard is woken for its earliest user.
 `shards=0` keys by user (one user per logic), as before.
+
+A user who has been quiet for a while is parked: held as their snapshot alone
+(`operators.snapshot`, ~0.6 KB deflated) instead of as live objects (~4 KB),
+and brought back by their next event or timer. A shard looks for such users
+every `park_after_ms` of its clock (wall ms live, the stream clock in replay)
+and parks those it has not used since its previous look, so a user is parked
+after between one and two `park_after_ms` of quiet. Parking changes how a user
+is held, never what they do: a parked user's wake-ups stay scheduled, and
+their snapshot is the one the next epoch would store anyway.
 """
 
 from __future__ import annotations
@@ -55,6 +64,10 @@ AT_END: Final = 1 << 62
 # Shards of the detect step when nothing says otherwise: enough for 8 workers to share
 # evenly, few enough that a batch of 500 events meets each shard several times.
 DEFAULT_SHARDS: Final = 64
+
+# Quiet for this long (one to two times it), a user is held as their snapshot. Long
+# enough that a shopper's session rarely pays the ~0.1 ms of parking and unparking.
+DEFAULT_PARK_AFTER_MS: Final = 60_000
 
 
 def shard_key(shards: int) -> Callable[[Envelope], str]:
@@ -119,15 +132,26 @@ class LiveClock:
         self.partitions = partitions or PartitionClocks()
 
 
+def _stream_clock(values: list[Envelope]) -> int | None:
+    """A replay shard's clock after a batch: the latest stream clock its envelopes carry."""
+    for envelope in reversed(values):
+        if envelope.stream is not None and envelope.stream.after is not None:
+            return envelope.stream.after
+    return None
+
+
 class UserSlot:
     """One user in a shard: their state and what live mode knows of their input."""
 
-    __slots__ = ("blob", "due", "last_arrival", "source", "state", "wake")
+    __slots__ = ("blob", "due", "last_arrival", "source", "state", "used", "user_id", "wake")
 
     def __init__(
         self, state: UserState, last_arrival: int | None = None, source: str | None = None
     ) -> None:
-        self.state = state
+        self.user_id = state.user_id
+        # None while the user is parked: `blob` alone holds them then.
+        self.state: UserState | None = state
+        self.used = True  # since the shard's last look for users to park
         self.last_arrival = last_arrival  # wall ms of the user's last applied event (live)
         self.source = source  # the input partition of the user's last event (live)
         self.wake: int | None = None  # wall ms the shard must wake for this user (live)
@@ -135,6 +159,10 @@ class UserSlot:
         # is): where they stand in the shard's heaps (live)
         self.due: tuple[int, str] | None = None
         self.blob: bytes | None = None  # the snapshot, until the user changes again
+
+    @property
+    def parked(self) -> bool:
+        return self.state is None
 
 
 class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
@@ -150,6 +178,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         snapshots: bool = True,
         record_metrics: bool = False,
         users: Iterable[UserSlot] = (),
+        park_after_ms: int = DEFAULT_PARK_AFTER_MS,
     ) -> None:
         self.detector = detector
         self.record_metrics = record_metrics
@@ -157,7 +186,9 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         self.end_bound = end_bound
         self.shards = shards
         self.snapshots = snapshots
-        self.users: dict[str, UserSlot] = {slot.state.user_id: slot for slot in users}
+        self.users: dict[str, UserSlot] = {slot.user_id: slot for slot in users}
+        self.park_after_ms = park_after_ms  # 0: never park
+        self._looked_at: int | None = None  # the shard's clock at its last look for parking
         # Live users' next moments, as heaps of (when, user_id); an entry is current while
         # it equals the slot's `wake` (wall ms) or `due` (their partition's stream clock),
         # and the heaps are rebuilt when stale entries outnumber the users.
@@ -182,8 +213,10 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             slot = users.get(uid)
             if slot is None:
                 slot = users[uid] = UserSlot(detector.new_user(uid))
+            user = slot.state if slot.state is not None else self._unpark(slot)
+            slot.used = True
             verdict, decisions = detector.process(
-                slot.state, envelope.event, envelope.profile, now, stream=envelope.stream
+                user, envelope.event, envelope.profile, now, stream=envelope.stream
             )
             slot.blob = None
             touched[uid] = slot
@@ -202,7 +235,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             cause = envelope.origin.line if envelope.origin.line is not None else 0
             if decisions:
                 out.extend(Emitted(d, (cause, i, "", 0)) for i, d in enumerate(decisions))
-            outcomes = slot.state.drain_outcomes()
+            outcomes = user.drain_outcomes()
             if outcomes:
                 out.extend(EmittedOutcome(o, (cause, i, "", 0)) for i, o in enumerate(outcomes))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
@@ -214,6 +247,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         if now is not None:
             out.extend(self._run_due(now))
             empty = not self.users
+        self._look_for_parking(now if now is not None else _stream_clock(values))
         return out, empty
 
     def on_notify(self) -> tuple[Iterable[Output], bool]:
@@ -234,13 +268,15 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             out.extend(self._advance(slot, now))
         self._settle(due, now)
         out.extend(self._run_due(now))
+        self._look_for_parking(now)
         return out, not self.users
 
     def on_eof(self) -> tuple[Iterable[Output], bool]:
         out: list[Output] = []
         if self.end_bound is not None:
             for uid, slot in self.users.items():
-                decisions = self.detector.finish(slot.state, self.end_bound)
+                user = slot.state if slot.state is not None else self._unpark(slot)
+                decisions = self.detector.finish(user, self.end_bound)
                 slot.blob = None
                 if self.record_metrics:  # decided by the input's end: no cause to time
                     for decision in decisions:
@@ -251,7 +287,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 )
                 out.extend(
                     EmittedOutcome(o, (AT_END, o.ts_ms, uid, i))
-                    for i, o in enumerate(slot.state.drain_outcomes())
+                    for i, o in enumerate(user.drain_outcomes())
                 )
         if self.clock is None and any(self.counts):
             out.append(Tally(*self.counts))
@@ -291,11 +327,41 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             return b""  # nothing keeps it: no recovery directory
         blobs = []
         for slot in self.users.values():
-            if slot.blob is None:  # only users changed since the last snapshot are encoded
-                slot.blob = snapshot.encode(
-                    self.detector, slot.state, slot.last_arrival, slot.source)
-            blobs.append(slot.blob)
+            # Only users changed since the last snapshot are encoded (a parked user never is).
+            blobs.append(slot.blob if slot.blob is not None else self._encode(slot))
         return shard_snapshot.encode(blobs, self.shards)
+
+    # --- parking -----------------------------------------------------------------------
+
+    def _encode(self, slot: UserSlot) -> bytes:
+        assert slot.state is not None  # a parked user always has their blob
+        slot.blob = snapshot.encode(self.detector, slot.state, slot.last_arrival, slot.source)
+        return slot.blob
+
+    def _unpark(self, slot: UserSlot) -> UserState:
+        """The parked user's state, decoded from their snapshot (which stays valid)."""
+        assert slot.blob is not None
+        user, _, _ = snapshot.decode(self.detector, slot.blob)
+        slot.state = user
+        return user
+
+    def _look_for_parking(self, at: int | None) -> None:
+        """Every `park_after_ms` of the shard's clock, park the users unused since the last look."""
+        if at is None or self.park_after_ms <= 0:
+            return
+        if self._looked_at is None:
+            self._looked_at = at
+            return
+        if at - self._looked_at < self.park_after_ms:
+            return
+        self._looked_at = at
+        for slot in self.users.values():
+            if slot.used:
+                slot.used = False
+            elif slot.state is not None:
+                if slot.blob is None:
+                    self._encode(slot)
+                slot.state = None
 
     # --- one user ----------------------------------------------------------------------
 
@@ -303,19 +369,22 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         """Free the idle among `slots`, schedule the others' wake-ups; True: the shard is empty."""
         detector, users = self.detector, self.users
         for slot in slots:
-            if detector.idle(slot.state):
+            user = slot.state
+            if user is None:  # unchanged since parked, when it was settled
+                continue
+            if detector.idle(user):
                 slot.wake = None
-                users.pop(slot.state.user_id, None)
+                users.pop(slot.user_id, None)
             elif now is not None:
-                uid = slot.state.user_id
-                wake = self._wake_at(slot, now)
+                uid = slot.user_id
+                wake = self._wake_at(slot, user, now)
                 if wake != slot.wake:
                     slot.wake = wake
                     if wake is not None:
                         heapq.heappush(self._wakes, (wake, uid))
                         self._entries += 1
                 source = slot.source
-                at = detector.stream_due(slot.state) if source is not None else None
+                at = detector.stream_due(user) if source is not None else None
                 due = None if at is None or source is None else (at, source)
                 if due != slot.due:  # a new time, or the user's events moved partition
                     slot.due = due
@@ -367,9 +436,8 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             self._settle(ran, now)
         return out
 
-    def _stream_now(self, slot: UserSlot, now: int) -> int | None:
+    def _stream_now(self, slot: UserSlot, user: UserState, now: int) -> int | None:
         """The best lower bound of the user's partition's stream clock at wall time `now`."""
-        user = slot.state
         own = None
         if user.stream_at is not None and slot.last_arrival is not None:
             own = min(now, user.stream_at + max(0, now - slot.last_arrival))
@@ -383,10 +451,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
 
     def _advance(self, slot: UserSlot, now: int) -> list[Output]:
         """The quiet user's timers the stream clock made due: decisions, then outcomes."""
-        user = slot.state
+        user = slot.state if slot.state is not None else self._unpark(slot)
+        slot.used = True
         if user.admission.max_ts is None:
             return []
-        stream = self._stream_now(slot, now)
+        stream = self._stream_now(slot, user, now)
         if stream is None:
             return []
         slot.blob = None
@@ -402,12 +471,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                    for i, o in enumerate(user.drain_outcomes()))
         return out
 
-    def _wake_at(self, slot: UserSlot, now: int) -> int | None:
+    def _wake_at(self, slot: UserSlot, user: UserState, now: int) -> int | None:
         """Wall ms at which the user's next timer is due, or they may be forgotten."""
-        user, clock = slot.state, self.clock
-        if clock is None or user.admission.max_ts is None:
+        if self.clock is None or user.admission.max_ts is None:
             return None
-        stream = self._stream_now(slot, now)
+        stream = self._stream_now(slot, user, now)
         if stream is None:
             return None
         due = self.detector.stream_due(user)
@@ -432,6 +500,7 @@ def detect(
     snapshots: bool = True,
     shards: int = DEFAULT_SHARDS,
     record_metrics: bool | None = None,
+    park_after_ms: int = DEFAULT_PARK_AFTER_MS,
 ) -> DetectOut:
     """Run the detector per user. `clock` makes it live; `end_bound` is replay's input end.
 
@@ -442,6 +511,9 @@ def detect(
     `record_metrics` (default: when live) counts admissions and decisions in
     `nudgeflow.core.metrics` and gives each decision its cause for the latency
     series; a replay asks for it when something shows them (the demo's dashboard).
+
+    `park_after_ms` (0: never) is how long a user must be quiet, at least, to be
+    held as their snapshot until their next event or timer (the module's note).
     """
 
     counting = clock is not None if record_metrics is None else record_metrics
@@ -451,7 +523,7 @@ def detect(
         if resume is not None:
             users = [UserSlot(*user) for user in shard_snapshot.decode(detector, resume, shards)]
         return _DetectLogic(detector, clock, end_bound, shards=shards, snapshots=snapshots,
-                            record_metrics=counting, users=users)
+                            record_metrics=counting, users=users, park_after_ms=park_after_ms)
 
     outputs: KeyedStream[Any] = op.stateful_batch(step_id, up, builder)
     branch_late = op.branch(

@@ -1,0 +1,186 @@
+"""Parking: a quiet user held as their snapshot behaves exactly as one held as objects.
+
+The detect step's shards are driven directly over a generated shop's stream,
+once parking every user it can (`park_after_ms=1`: at every look, every user
+unused since the previous one) and once never parking, with the same injected
+wall clock and the stream clocks the source partition stamps. Everything they
+emit, and what they would store, must be the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import orjson
+import pytest
+from rule_texts import CART_ABANDONMENT, rules_yaml
+
+from nudgeflow.app.samples import SampleSpec, generate_lines
+from nudgeflow.core.envelope import Envelope, Origin
+from nudgeflow.core.events import Event, decode_event
+from nudgeflow.core.profiles import Profile
+from nudgeflow.core.rules import load_rules, parse_rules
+from nudgeflow.core.settings import DEFAULT_RULES
+from nudgeflow.core.stream_clock import ClockReading, PartitionClocks, StreamClock
+from nudgeflow.operators import shard_snapshot
+from nudgeflow.operators.detect import Emitted, LiveClock, _DetectLogic, shard_key
+from nudgeflow.operators.detector import Detector
+
+MIN = 60_000
+SHARDS = 4
+PROFILE = Profile(segment="regular", opt_in=("email", "push"))
+
+
+@dataclass
+class Wall:
+    now: int = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@dataclass
+class Shards:
+    """A flow's detect step in miniature: one logic per shard, fed as bytewax feeds them."""
+
+    detector: Detector
+    park_after_ms: int
+    live: bool
+    end_bound: int
+    wall: Wall = field(default_factory=Wall)
+    partitions: PartitionClocks = field(default_factory=PartitionClocks)
+    logics: dict[str, _DetectLogic] = field(default_factory=dict)
+    out: list[str] = field(default_factory=list)
+    most_parked: int = 0
+
+    def logic(self, key: str) -> _DetectLogic:
+        if key not in self.logics:
+            clock = LiveClock(self.wall, self.partitions) if self.live else None
+            self.logics[key] = _DetectLogic(self.detector, clock, None if self.live else self.end_bound,
+                                            shards=SHARDS, snapshots=True,
+                                            park_after_ms=self.park_after_ms)
+        return self.logics[key]
+
+    def batch(self, key: str, envelopes: list[Envelope]) -> None:
+        out, _ = self.logic(key).on_batch(envelopes)
+        self.emit(out)
+
+    def notify_all(self) -> None:
+        for logic in self.logics.values():
+            self.emit(logic.on_notify()[0])
+
+    def eof(self) -> None:
+        for logic in self.logics.values():
+            self.emit(logic.on_eof()[0])
+
+    def emit(self, out: object) -> None:
+        self.out.extend(repr(o) for o in out)  # type: ignore[attr-defined]
+        parked = sum(slot.parked for logic in self.logics.values()
+                     for slot in logic.users.values())
+        self.most_parked = max(self.most_parked, parked)
+
+    def stored(self) -> dict[str, object]:
+        """Every user as the next epoch's snapshot would store them, read back."""
+        users = {}
+        for logic in self.logics.values():
+            for user, wall, source in shard_snapshot.decode(self.detector, logic.snapshot(),
+                                                            SHARDS):
+                users[user.user_id] = (repr(user.timers.pending()), user.admission.to_data(),
+                                       user.policy.to_data(), wall, source)
+        return users
+
+
+def stream(users: int, hours: float) -> Iterator[tuple[int, Envelope, ClockReading]]:
+    """A generated shop's events as its one partition stamps them, with its clock after each."""
+    clock = StreamClock()
+    for offset, line in enumerate(generate_lines(SampleSpec(users=users, hours=hours, seed=11))):
+        event = decode_event(line.data)
+        if not isinstance(event, Event):
+            continue
+        stamp = clock.read(event.ts, line.arrival_ms)
+        assert clock.reading is not None
+        yield line.arrival_ms, Envelope(event, line.data, Origin("events", 0, offset), PROFILE,
+                                        arrived_ms=line.arrival_ms, stream=stamp,
+                                        key=event.user_id.encode()), replace(clock.reading)
+
+
+def run(detector: Detector, park_after_ms: int, *, live: bool) -> Shards:
+    lines = list(stream(users=60, hours=3.0))
+    # replay: the input's end, a day past the last event (every timer is decided by then)
+    end_bound = max(envelope.event.ts for _, envelope, _ in lines) + 24 * 60 * MIN
+    shards = Shards(detector, park_after_ms, live, end_bound)
+    key = shard_key(SHARDS)
+    pending: dict[str, list[Envelope]] = {}
+    for index, (arrival, envelope, reading) in enumerate(lines):
+        shards.wall.now = arrival
+        shards.partitions.publish("0-events", reading)
+        pending.setdefault(key(envelope), []).append(envelope)
+        if index % 7 == 6:  # a batch: each shard's share, in order
+            for shard, envelopes in sorted(pending.items()):
+                shards.batch(shard, envelopes)
+            pending.clear()
+            if live:
+                shards.notify_all()
+    for shard, envelopes in sorted(pending.items()):
+        shards.batch(shard, envelopes)
+    if live:  # the wall clock runs on past the stream's end: every timer comes due
+        for _ in range(40):
+            shards.wall.now += 2 * MIN
+            shards.notify_all()
+    shards.eof()
+    return shards
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "replay"])
+def test_parked_users_emit_and_store_exactly_what_unparked_users_do(live: bool) -> None:
+    detector = Detector(load_rules(DEFAULT_RULES))
+    held = run(detector, park_after_ms=0, live=live)
+    parked = run(detector, park_after_ms=1, live=live)
+    assert held.most_parked == 0
+    assert parked.most_parked > 10  # users were parked, and brought back, all along
+    assert any("Emitted" in line for line in held.out)
+    assert parked.out == held.out
+    assert parked.stored() == held.stored()
+
+
+def envelope(partition: StreamClock, wall: Wall, user: str, event_id: str, kind: str, ts: int,
+             **fields: object) -> Envelope:
+    raw = orjson.dumps({"event_id": event_id, "user_id": user, "type": kind, "ts": ts,
+                        **fields})
+    event = decode_event(raw)
+    assert isinstance(event, Event)
+    return Envelope(event, raw, Origin("events", 0, 1), PROFILE, arrived_ms=wall.now,
+                    stream=partition.read(ts, wall.now), key=user.encode())
+
+
+def test_a_user_is_parked_after_one_to_two_quiet_periods_and_their_timer_still_fires() -> None:
+    wall = Wall()
+    partition = StreamClock()
+    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
+                         LiveClock(wall), None, shards=SHARDS, park_after_ms=MIN)
+    logic.on_batch([envelope(partition, wall, "alice", "a1", "add_to_cart", 0, product_id="p")])
+    for minute in (1, 2):
+        assert not logic.users["alice"].parked  # used since the last look, or no look yet
+        wall.now = minute * MIN
+        logic.on_batch([envelope(partition, wall, "bob", f"b{minute}", "page_view", wall.now)])
+    alice = logic.users["alice"]
+    assert alice.parked and alice.blob is not None
+    assert not logic.users["bob"].parked
+    wall.now = 15 * MIN + 30_001  # alice's watermark passes her 15 minutes
+    out, _ = logic.on_notify()
+    assert [(o.decision.trigger.user_id, o.decision.trigger.fired_at_ms)
+            for o in out if isinstance(o, Emitted)] == [("alice", 15 * MIN)]
+    assert not alice.parked
+
+
+def test_parking_off_holds_every_user_as_objects() -> None:
+    wall = Wall()
+    partition = StreamClock()
+    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
+                         LiveClock(wall), None, shards=SHARDS, park_after_ms=0)
+    logic.on_batch([envelope(partition, wall, "alice", "a1", "add_to_cart", 0, product_id="p")])
+    for minute in range(1, 10):
+        wall.now = minute * MIN
+        logic.on_batch([envelope(partition, wall, "bob", f"b{minute}", "page_view", wall.now)])
+    assert not logic.users["alice"].parked
