@@ -57,9 +57,9 @@ class Shards:
     def logic(self, key: str) -> _DetectLogic:
         if key not in self.logics:
             clock = LiveClock(self.wall, self.partitions) if self.live else None
-            self.logics[key] = _DetectLogic(self.detector, clock, None if self.live else self.end_bound,
-                                            shards=SHARDS, snapshots=True,
-                                            park_after_ms=self.park_after_ms)
+            end_bound = None if self.live else self.end_bound
+            self.logics[key] = _DetectLogic(self.detector, clock, end_bound, shards=SHARDS,
+                                            snapshots=True, park_after_ms=self.park_after_ms)
         return self.logics[key]
 
     def batch(self, key: str, envelopes: list[Envelope]) -> None:
