@@ -42,7 +42,8 @@
    their medians.
 5. **Memory** (`nudgeflow.bench.memory`): state bytes per active user, in a process of
    its own, `memory_runs` times; with `memory_clones` the held states are
-   copied to reach users * clones.
+   copied to reach users * clones. Each run holds the users as the flow does
+   (the quiet ones parked), and is paired with one where none is parked.
 6. **Snapshots** (`nudgeflow.bench.snapshots`): the detect step's snapshot time
    and bytes per epoch when `snapshot_users` users were touched in it, from the
    memory measure's users (copied up to N); the real SQLite recovery store's
@@ -667,23 +668,38 @@ def _write_memory_input(run: _Run, users: int) -> tuple[Path, Path]:
     return lines_path, profiles_path
 
 
+def _memory_run(run: _Run, lines_path: Path, profiles_path: Path, name: str, *, clones: int,
+                park_after_ms: int | None) -> dict[str, Any]:
+    out = run.workdir / f"{name}.json"
+    args = [str(lines_path), str(profiles_path), str(out), str(clones)]
+    if park_after_ms is not None:
+        args.append(str(park_after_ms))
+    subprocess.run(run.python("nudgeflow.bench.memory", *args), env=child_env(), check=True,
+                   timeout=3600)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 def _memory(run: _Run) -> dict[str, Any]:
+    """State per held user as the flow holds them (quiet users parked), and with none parked.
+
+    The two interleave, so that the time parking costs compares like with like.
+    """
     config = run.config
     lines_path, profiles_path = _write_memory_input(run, config.memory_users)
-    results = []
+    results: list[dict[str, Any]] = []
+    unparked: list[dict[str, Any]] = []
     for index in range(config.memory_runs):
-        out = run.workdir / f"memory{index}.json"
         clones = config.memory_clones if index == 0 else 1
-        subprocess.run(
-            run.python("nudgeflow.bench.memory", str(lines_path), str(profiles_path), str(out),
-                       str(clones)),
-            env=child_env(), check=True, timeout=3600,
-        )
-        results.append(json.loads(out.read_text()))
+        results.append(_memory_run(run, lines_path, profiles_path, f"memory{index}",
+                                   clones=clones, park_after_ms=None))
+        unparked.append(_memory_run(run, lines_path, profiles_path, f"memory{index}-held",
+                                    clones=1, park_after_ms=0))
         run.log(f"memory run {index + 1}/{config.memory_runs}: "
-                f"{results[-1]['rss_per_user']:,.0f} B/user RSS, "
-                f"{results[-1]['pickled_per_user']:,.0f} B/user pickled "
-                f"({results[-1]['users']:,} users)")
+                f"{results[-1]['rss_per_user']:,.0f} B/user RSS "
+                f"({results[-1]['parked']:,} of {results[-1]['users']:,} users parked), "
+                f"{unparked[-1]['rss_per_user']:,.0f} B/user with none parked; "
+                f"{results[-1]['pickled_per_user']:,.0f} B/user snapshot")
     users = results[0]["users"]
     memory: dict[str, Any] = {
         f"users_{users}": {
@@ -691,6 +707,13 @@ def _memory(run: _Run) -> dict[str, Any]:
             "pickled": spread([r["pickled_per_user"] for r in results], 0),
             "full_gc_ms": spread([r["full_gc_ms"] for r in results], 1),
             "events": results[0]["events"],
+            "parked_share": spread([r["parked"] / r["users"] for r in results], 3),
+            "seconds": spread([r["seconds"] for r in results], 2),
+            "unparked": {
+                "rss": spread([r["rss_per_user"] for r in unparked], 0),
+                "full_gc_ms": spread([r["full_gc_ms"] for r in unparked], 1),
+                "seconds": spread([r["seconds"] for r in unparked], 2),
+            },
         }
     }
     first = results[0]

@@ -1,9 +1,12 @@
-"""State per active user: `python -m nudgeflow.bench.memory LINES PROFILES RESULT.json [CLONES]`.
+"""State per active user: `python -m nudgeflow.bench.memory LINES PROFILES RESULT.json [CLONES
+[PARK_AFTER_MS]]`.
 
 Runs the recorded stream through the detection operator's own logic
 (`nudgeflow.operators.detect._DetectLogic`, one per shard as bytewax keeps them in
 live mode, with the wall clock simulated by each line's arrival time); each
-shard holds its users' `UserSlot`s. Measured:
+shard holds its users' `UserSlot`s, parking those quiet for PARK_AFTER_MS
+(default: the flow's, `operators.detect.DEFAULT_PARK_AFTER_MS`; 0: never) as
+the flow does. Measured:
 
 - `rss`: the growth of the process's resident memory from before the first
   event to after the last (after a full GC and `malloc_trim`), divided by the
@@ -12,12 +15,16 @@ shard holds its users' `UserSlot`s. Measured:
 - `full_gc_ms`: a full garbage collection with every state held (and
   `scaled_full_gc_ms` with the clones), the pause the live flow avoids;
 - `pickled`: the size of each user's snapshot (`operators.snapshot.encode`), a
-  cross-check that does not depend on the allocator.
+  cross-check that does not depend on the allocator; it is also what a parked
+  user is held as;
+- `parked`: the users held parked at the end, and `seconds` the time the
+  stream took through the logics (what parking and unparking cost, against a
+  run with PARK_AFTER_MS = 0).
 
 With CLONES = k > 1 the held states are then copied k-1 times under new user
-ids (each copy unpickled from the snapshot, so nothing is shared) and the RSS
-is measured again for k times the users: the cost at scale, without generating
-k times the events.
+ids (each copy decoded from the snapshot, so nothing is shared, and parked if
+its original is) and the RSS is measured again for k times the users: the cost
+at scale, without generating k times the events.
 
 Input files (written by the harness): LINES has one line per message,
 `<arrival_ms> <user_id> <message bytes>`; PROFILES one JSON profile per line.
@@ -38,7 +45,7 @@ from typing import Any
 
 __all__ = [
     "Built", "build_logics", "clone_logic", "load_raw_profiles", "main", "measure",
-    "new_detector", "rss_bytes",
+    "new_detector", "rss_bytes", "user_snapshot",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -63,6 +70,7 @@ class Built:
     detector: Any
     clock: Any
     logics: dict[str, Any]  # user id -> `UserSlot`
+    shards: dict[str, Any]  # shard key -> its `_DetectLogic` (its heaps of wake-ups too)
     events: int
     decisions: int
     seconds: float
@@ -92,14 +100,20 @@ def new_detector() -> Any:
 
 
 def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
-                 detector: Any | None = None) -> Built:
+                 detector: Any | None = None, park_after_ms: int | None = None) -> Built:
     """The stream of LINES through one `_DetectLogic` per shard, kept as bytewax keeps them."""
     import orjson
 
     from nudgeflow.core.envelope import Envelope, Origin
     from nudgeflow.core.events import Event, decode_event
     from nudgeflow.core.profiles import profile_from_mapping
-    from nudgeflow.operators.detect import DEFAULT_SHARDS, LiveClock, _DetectLogic, shard_key
+    from nudgeflow.operators.detect import (
+        DEFAULT_PARK_AFTER_MS,
+        DEFAULT_SHARDS,
+        LiveClock,
+        _DetectLogic,
+        shard_key,
+    )
 
     if detector is None:
         detector = new_detector()
@@ -122,49 +136,66 @@ def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
             shard = key(envelope)
             logic = shards.get(shard)
             if logic is None:
-                logic = shards[shard] = _DetectLogic(detector, clock, None,
-                                                     shards=DEFAULT_SHARDS)
+                logic = shards[shard] = _DetectLogic(
+                    detector, clock, None, shards=DEFAULT_SHARDS,
+                    park_after_ms=DEFAULT_PARK_AFTER_MS if park_after_ms is None
+                    else park_after_ms)
             out, discard = logic.on_batch([envelope])
             decisions += sum(1 for _ in out)
             events += 1
             if discard:
                 del shards[shard]
     slots = {uid: slot for logic in shards.values() for uid, slot in logic.users.items()}
-    return Built(detector, clock, slots, events, decisions, time.perf_counter() - started)
+    return Built(detector, clock, slots, shards, events, decisions,
+                 time.perf_counter() - started)
 
 
 def clone_logic(detector: Any, clock: Any, slot: Any, new_id: str) -> Any:
-    """A copy of the user `slot` under `new_id`, unpickled from its snapshot: nothing shared."""
+    """A copy of the user `slot` under `new_id`, decoded from its snapshot: nothing shared.
+
+    Parked if `slot` is, as its snapshot under the new id.
+    """
     from nudgeflow.operators import snapshot
     from nudgeflow.operators.detect import UserSlot
 
-    blob = snapshot.encode(detector, slot.state, slot.last_arrival, slot.source)
-    state, last_arrival, source = snapshot.decode(detector, blob)
+    state, last_arrival, source = snapshot.decode(detector, user_snapshot(detector, slot))
     state.user_id = new_id
-    return UserSlot(state, last_arrival, source)
+    copy = UserSlot(state, last_arrival, source)
+    if slot.parked:
+        copy.blob = snapshot.encode(detector, state, last_arrival, source)
+        copy.state = None
+    return copy
 
 
-def measure(lines_path: Path, profiles_path: Path, clones: int = 1) -> dict[str, Any]:
+def user_snapshot(detector: Any, slot: Any) -> bytes:
+    """The user's snapshot: what a parked user is held as, encoded for a user who is not."""
+    from nudgeflow.operators import snapshot
+
+    if slot.blob is not None:
+        return bytes(slot.blob)
+    return bytes(snapshot.encode(detector, slot.state, slot.last_arrival, slot.source))
+
+
+def measure(lines_path: Path, profiles_path: Path, clones: int = 1,
+            park_after_ms: int | None = None) -> dict[str, Any]:
     # Raw profiles are loaded before the baseline; the Profile objects made from them
     # per user (as the Redis lookup makes them) count towards the users' state.
     raw_profiles = load_raw_profiles(profiles_path)
     # The code and the rules are loaded before the baseline too: they are not per user.
     detector = new_detector()
     baseline = _settle()
-    built = build_logics(lines_path, raw_profiles, detector)
+    built = build_logics(lines_path, raw_profiles, detector, park_after_ms)
     after = _settle()
     logics = built.logics
     users = len(logics)
-    from nudgeflow.operators.snapshot import encode
-
-    snapshots = [encode(detector, slot.state, slot.last_arrival, slot.source)
-                 for slot in logics.values()]
+    snapshots = [user_snapshot(detector, slot) for slot in logics.values()]
     pickled = sum(len(s) for s in snapshots)
     result: dict[str, Any] = {
         "events": built.events,
         "decisions": built.decisions,
         "users": users,
-        "seconds": round(built.seconds, 1),
+        "parked": sum(1 for slot in logics.values() if slot.parked),
+        "seconds": round(built.seconds, 2),
         "rss_baseline_bytes": baseline,
         "rss_delta_bytes": after - baseline,
         "rss_per_user": (after - baseline) / users if users else None,
@@ -216,7 +247,8 @@ def _scaled(detector: Any, clock: Any, logics: dict[str, Any], clones: int,
 def main(argv: list[str]) -> int:
     lines, profiles, out = Path(argv[0]), Path(argv[1]), Path(argv[2])
     clones = int(argv[3]) if len(argv) > 3 else 1
-    out.write_text(json.dumps(measure(lines, profiles, clones)))
+    park_after_ms = int(argv[4]) if len(argv) > 4 else None
+    out.write_text(json.dumps(measure(lines, profiles, clones, park_after_ms)))
     return 0
 
 

@@ -80,7 +80,7 @@ def _grow(built: Any, logics: list[Any], target: int) -> None:
             k = len(logics)
             original = base[k % len(base)]
             state = snapshot.decode(built.detector, blobs[k % len(base)])[0]
-            state.user_id = f"s{k // len(base)}-{original.state.user_id}"
+            state.user_id = f"s{k // len(base)}-{original.user_id}"
             logics.append(UserSlot(state, original.last_arrival, original.source))
     finally:
         gc.enable()
@@ -102,7 +102,7 @@ def shard_logics(detector: Any, clock: Any, slots: Sequence[Any]) -> list[Any]:
 
     by_shard: dict[int, list[Any]] = {}
     for slot in slots:
-        shard = zlib.crc32(slot.state.user_id.encode()) % DEFAULT_SHARDS
+        shard = zlib.crc32(slot.user_id.encode()) % DEFAULT_SHARDS
         by_shard.setdefault(shard, []).append(slot)
     return [_DetectLogic(detector, clock, None, shards=DEFAULT_SHARDS, users=users)
             for users in by_shard.values()]
@@ -204,7 +204,8 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
             sqlite_users: Sequence[int] = (), workdir: Path | None = None) -> dict[str, Any]:
     """Every measure above, for each N of `users` (ascending)."""
     started = time.perf_counter()
-    built = build_logics(lines_path, load_raw_profiles(profiles_path))
+    # None parked: every user is encoded when touched, the epoch's whole cost.
+    built = build_logics(lines_path, load_raw_profiles(profiles_path), park_after_ms=0)
     build_s = time.perf_counter() - started
     base = len(built.logics)
     if not base:

@@ -165,7 +165,13 @@ def table(result: dict[str, Any]) -> str:
         if key.startswith("users_"):
             users = key.removeprefix("users_")
             rows.append(_row(f"state per active user, {users} users: RSS (bytes)", s["rss"]))
-            rows.append(_row(f"state per active user, {users} users: pickled (bytes)",
+            if "unparked" in s:
+                rows.append(_row("  the same with none parked: RSS (bytes)",
+                                 s["unparked"]["rss"]))
+                rows.append(_row("  users parked at the end (share)", s["parked_share"]))
+                rows.append(_row("  the stream through detection, parking (s)", s["seconds"]))
+                rows.append(_row("  the same with none parked (s)", s["unparked"]["seconds"]))
+            rows.append(_row(f"state per active user, {users} users: snapshot (bytes)",
                              s["pickled"]))
     for label, entry in (result.get("snapshots") or {}).get("users", {}).items():
         n = f"{entry['users']:,}"
