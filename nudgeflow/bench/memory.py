@@ -69,11 +69,22 @@ class Built:
 
     detector: Any
     clock: Any
-    logics: dict[str, Any]  # user id -> `UserSlot`
     shards: dict[str, Any]  # shard key -> its `_DetectLogic` (its heaps of wake-ups too)
     events: int
     decisions: int
     seconds: float
+
+    # Made when asked, not kept: a dict of every user is not what the flow holds.
+    @property
+    def logics(self) -> dict[str, Any]:
+        """User id -> `UserSlot`, of the users held as objects."""
+        return {uid: slot for logic in self.shards.values() for uid, slot in logic.users.items()}
+
+    @property
+    def parked(self) -> dict[str, bytes]:
+        """User id -> `operators.parked` bytes, of the users parked."""
+        return {uid: packed for logic in self.shards.values()
+                for uid, packed in logic.parked.items()}
 
 
 def load_raw_profiles(profiles_path: Path) -> dict[str, bytes]:
@@ -145,32 +156,31 @@ def build_logics(lines_path: Path, raw_profiles: dict[str, bytes],
             events += 1
             if discard:
                 del shards[shard]
-    slots = {uid: slot for logic in shards.values() for uid, slot in logic.users.items()}
-    return Built(detector, clock, slots, shards, events, decisions,
-                 time.perf_counter() - started)
+    return Built(detector, clock, shards, events, decisions, time.perf_counter() - started)
 
 
 def clone_logic(detector: Any, clock: Any, slot: Any, new_id: str) -> Any:
     """A copy of the user `slot` under `new_id`, decoded from its snapshot: nothing shared.
 
-    Parked if `slot` is, as its snapshot under the new id.
+    A parked user (`operators.parked` bytes) is copied parked, with their snapshot
+    under the new id.
     """
-    from nudgeflow.operators import snapshot
+    from nudgeflow.operators import parked, snapshot
     from nudgeflow.operators.detect import UserSlot
 
     state, last_arrival, source = snapshot.decode(detector, user_snapshot(detector, slot))
     state.user_id = new_id
-    copy = UserSlot(state, last_arrival, source)
-    if slot.parked:
-        copy.blob = snapshot.encode(detector, state, last_arrival, source)
-        copy.state = None
-    return copy
+    if isinstance(slot, bytes):
+        return parked.repacked(slot, snapshot.encode(detector, state, last_arrival, source))
+    return UserSlot(state, last_arrival, source)
 
 
 def user_snapshot(detector: Any, slot: Any) -> bytes:
-    """The user's snapshot: what a parked user is held as, encoded for a user who is not."""
-    from nudgeflow.operators import snapshot
+    """The user's snapshot: what a parked user holds, encoded for a user held as objects."""
+    from nudgeflow.operators import parked, snapshot
 
+    if isinstance(slot, bytes):
+        return bytes(parked.snapshot_of(slot))
     if slot.blob is not None:
         return bytes(slot.blob)
     return bytes(snapshot.encode(detector, slot.state, slot.last_arrival, slot.source))
@@ -186,7 +196,8 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1,
     baseline = _settle()
     built = build_logics(lines_path, raw_profiles, detector, park_after_ms)
     after = _settle()
-    logics = built.logics
+    parked = built.parked
+    logics: dict[str, Any] = {**built.logics, **parked}
     users = len(logics)
     snapshots = [user_snapshot(detector, slot) for slot in logics.values()]
     pickled = sum(len(s) for s in snapshots)
@@ -194,7 +205,7 @@ def measure(lines_path: Path, profiles_path: Path, clones: int = 1,
         "events": built.events,
         "decisions": built.decisions,
         "users": users,
-        "parked": sum(1 for slot in logics.values() if slot.parked),
+        "parked": len(parked),
         "seconds": round(built.seconds, 2),
         "rss_baseline_bytes": baseline,
         "rss_delta_bytes": after - baseline,

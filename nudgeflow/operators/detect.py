@@ -23,8 +23,9 @@ times are kept in a heap so a shard is woken for its earliest user.
 `shards=0` keys by user (one user per logic), as before.
 
 A user who has been quiet for a while is parked: held as their snapshot alone
-(`operators.snapshot`, ~0.6 KB deflated) instead of as live objects (~4 KB),
-and brought back by their next event or timer. A shard looks for such users
+(`operators.snapshot`, ~0.5 KB deflated) and their place in the shard's
+wake-ups, in one bytes object (`operators.parked`), instead of as live objects
+(~4 KB); their next event or timer brings them back. A shard looks for such users
 every `park_after_ms` of its clock (wall ms live, the stream clock in replay)
 and parks those it has not used since its previous look, so a user is parked
 after between one and two `park_after_ms` of quiet. Parking changes how a user
@@ -52,7 +53,7 @@ from nudgeflow.core.outcomes import Outcome
 from nudgeflow.core.stream_clock import PartitionClocks
 from nudgeflow.core.timeutil import ms_to_datetime
 from nudgeflow.core.triggers import Decision
-from nudgeflow.operators import shard_snapshot, snapshot
+from nudgeflow.operators import parked, shard_snapshot, snapshot
 from nudgeflow.operators.detector import Detector, UserState
 from nudgeflow.operators.event_time import Admit
 
@@ -151,8 +152,7 @@ class UserSlot:
         self, state: UserState, last_arrival: int | None = None, source: str | None = None
     ) -> None:
         self.user_id = state.user_id
-        # None while the user is parked: `blob` alone holds them then.
-        self.state: UserState | None = state
+        self.state = state
         self.used = True  # since the shard's last look for users to park
         self.last_arrival = last_arrival  # wall ms of the user's last applied event (live)
         self.source = source  # the input partition of the user's last event (live)
@@ -163,10 +163,6 @@ class UserSlot:
         self.due_at: int | None = None
         self.due_source: str | None = None
         self.blob: bytes | None = None  # the snapshot, until the user changes again
-
-    @property
-    def parked(self) -> bool:
-        return self.state is None
 
 
 class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
@@ -191,11 +187,14 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         self.shards = shards
         self.snapshots = snapshots
         self.users: dict[str, UserSlot] = {slot.user_id: slot for slot in users}
+        self.parked: dict[str, bytes] = {}  # the users held as `operators.parked` bytes
         self.park_after_ms = park_after_ms  # 0: never park
         self._looked_at: int | None = None  # the shard's clock at its last look for parking
+        self._sources: list[str] = []  # the partitions parked users' trailers name
+        self._source_ids: dict[str, int] = {}
         # Live users' next moments, as heaps of (when, user_id); an entry is current while
-        # it equals the slot's `wake` (wall ms) or `due_at` (their partition's stream clock),
-        # and the heaps are rebuilt when stale entries outnumber the users.
+        # it equals the user's `wake` (wall ms) or `due_at` (their partition's stream clock),
+        # held or parked, and the heaps are rebuilt when stale entries outnumber the users.
         self._wakes: list[tuple[int, str]] = []
         self._due: dict[str, list[tuple[int, str]]] = {}  # per input partition
         self._entries = 0  # in all the heaps
@@ -216,8 +215,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             uid = envelope.event.user_id
             slot = users.get(uid)
             if slot is None:
-                slot = users[uid] = UserSlot(detector.new_user(uid))
-            user = slot.state if slot.state is not None else self._unpark(slot)
+                if uid in self.parked:
+                    slot = self._unpark(uid)
+                else:
+                    slot = users[uid] = UserSlot(detector.new_user(uid))
+            user = slot.state
             slot.used = True
             verdict, decisions = detector.process(
                 user, envelope.event, envelope.profile, now, stream=envelope.stream
@@ -251,21 +253,21 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         empty = self._settle(touched.values(), now)
         if now is not None:
             out.extend(self._run_due(now))
-            empty = not self.users
+            empty = self._empty()
         self._look_for_parking(now if now is not None else _stream_clock(values))
         return out, empty
 
     def on_notify(self) -> tuple[Iterable[Output], bool]:
         clock = self.clock
         if clock is None:
-            return [], not self.users
+            return [], self._empty()
         now = clock.now_ms()
         due: list[UserSlot] = []
-        wakes, users = self._wakes, self.users
+        wakes = self._wakes
         while wakes and wakes[0][0] <= now:
             wake, uid = heapq.heappop(wakes)
-            slot = users.get(uid)
-            if slot is not None and slot.wake == wake:
+            if self._wake_of(uid) == wake:
+                slot = self._held(uid)
                 slot.wake = None
                 due.append(slot)
         out: list[Output] = []
@@ -274,13 +276,15 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         self._settle(due, now)
         out.extend(self._run_due(now))
         self._look_for_parking(now)
-        return out, not self.users
+        return out, self._empty()
 
     def on_eof(self) -> tuple[Iterable[Output], bool]:
         out: list[Output] = []
         if self.end_bound is not None:
+            for uid in list(self.parked):
+                self._unpark(uid)
             for uid, slot in self.users.items():
-                user = slot.state if slot.state is not None else self._unpark(slot)
+                user = slot.state
                 decisions = self.detector.finish(user, self.end_bound)
                 slot.blob = None
                 if self.record_metrics:  # decided by the input's end: no cause to time
@@ -304,12 +308,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         clock = self.clock
         if clock is None:
             return None
-        wakes, users = self._wakes, self.users
+        wakes = self._wakes
         at: int | None = None
         while wakes:
             wake, uid = wakes[0]
-            slot = users.get(uid)
-            if slot is not None and slot.wake == wake:
+            if self._wake_of(uid) == wake:
                 at = wake
                 break
             heapq.heappop(wakes)
@@ -330,25 +333,72 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         # versioned plain data (operators.snapshot), so a restart may change the rules.
         if not self.snapshots:
             return b""  # nothing keeps it: no recovery directory
-        blobs = []
+        blobs: list[bytes | memoryview] = []
         for slot in self.users.values():
             # Only users changed since the last snapshot are encoded (a parked user never is).
             blobs.append(slot.blob if slot.blob is not None else self._encode(slot))
+        blobs.extend(parked.snapshot_of(packed) for packed in self.parked.values())
         return shard_snapshot.encode(blobs, self.shards)
 
     # --- parking -----------------------------------------------------------------------
 
+    def _empty(self) -> bool:
+        return not self.users and not self.parked
+
     def _encode(self, slot: UserSlot) -> bytes:
-        assert slot.state is not None  # a parked user always has their blob
         slot.blob = snapshot.encode(self.detector, slot.state, slot.last_arrival, slot.source)
         return slot.blob
 
-    def _unpark(self, slot: UserSlot) -> UserState:
-        """The parked user's state, decoded from their snapshot (which stays valid)."""
-        assert slot.blob is not None
-        user, _, _ = snapshot.decode(self.detector, slot.blob)
-        slot.state = user
-        return user
+    def _held(self, uid: str) -> UserSlot:
+        """The user's slot, unparking them if need be (they are one or the other)."""
+        slot = self.users.get(uid)
+        return slot if slot is not None else self._unpark(uid)
+
+    def _park(self, slot: UserSlot) -> None:
+        source = None
+        if slot.due_source is not None:
+            source = self._source_ids.get(slot.due_source)
+            if source is None:
+                if len(self._sources) >= parked.MAX_SOURCES:
+                    return  # a trailer cannot name the partition: the user stays held
+                source = self._source_ids[slot.due_source] = len(self._sources)
+                self._sources.append(slot.due_source)
+        blob = slot.blob if slot.blob is not None else self._encode(slot)
+        self.parked[slot.user_id] = parked.pack(blob, slot.wake, slot.due_at, source)
+        del self.users[slot.user_id]
+
+    def _unpark(self, uid: str) -> UserSlot:
+        """The parked user back in a slot, decoded from their snapshot (which stays valid)."""
+        packed = self.parked.pop(uid)
+        blob = bytes(parked.snapshot_of(packed))
+        user, last_arrival, source = snapshot.decode(self.detector, blob)
+        slot = UserSlot(user, last_arrival, None if source is None else sys.intern(source))
+        slot.blob = blob
+        slot.wake = parked.wake_of(packed)
+        due = parked.due_of(packed)
+        if due is not None:
+            slot.due_at, slot.due_source = due[0], self._sources[due[1]]
+        self.users[uid] = slot
+        return slot
+
+    def _wake_of(self, uid: str) -> int | None:
+        """The user's current wall-clock wake-up, held or parked (what heap entries match)."""
+        slot = self.users.get(uid)
+        if slot is not None:
+            return slot.wake
+        packed = self.parked.get(uid)
+        return None if packed is None else parked.wake_of(packed)
+
+    def _due_of(self, uid: str) -> tuple[int, str] | None:
+        """When the user's partition's stream clock makes them due, and which, held or parked."""
+        slot = self.users.get(uid)
+        if slot is not None:
+            if slot.due_at is None or slot.due_source is None:
+                return None
+            return slot.due_at, slot.due_source
+        packed = self.parked.get(uid)
+        due = None if packed is None else parked.due_of(packed)
+        return None if due is None else (due[0], self._sources[due[1]])
 
     def _look_for_parking(self, at: int | None) -> None:
         """Every `park_after_ms` of the shard's clock, park the users unused since the last look."""
@@ -360,13 +410,14 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         if at - self._looked_at < self.park_after_ms:
             return
         self._looked_at = at
+        quiet = []
         for slot in self.users.values():
             if slot.used:
                 slot.used = False
-            elif slot.state is not None:
-                if slot.blob is None:
-                    self._encode(slot)
-                slot.state = None
+            else:
+                quiet.append(slot)
+        for slot in quiet:
+            self._park(slot)
 
     # --- one user ----------------------------------------------------------------------
 
@@ -375,8 +426,6 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         detector, users = self.detector, self.users
         for slot in slots:
             user = slot.state
-            if user is None:  # unchanged since parked, when it was settled
-                continue
             if detector.idle(user):
                 slot.wake = None
                 users.pop(slot.user_id, None)
@@ -397,18 +446,25 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                     slot.due_at, slot.due_source = at, source
                     heapq.heappush(self._due.setdefault(source, []), (at, uid))
                     self._entries += 1
-        if self._entries > 4 * len(users) + 64:
+        if self._entries > 4 * (len(users) + len(self.parked)) + 64:
             self._rebuild()
-        return not users
+        return self._empty()
 
     def _rebuild(self) -> None:
         users = self.users
         self._wakes = [(s.wake, uid) for uid, s in users.items() if s.wake is not None]
-        heapq.heapify(self._wakes)
         due: dict[str, list[tuple[int, str]]] = {}
         for uid, s in users.items():
             if s.due_at is not None and s.due_source is not None:
                 due.setdefault(s.due_source, []).append((s.due_at, uid))
+        for uid in self.parked:
+            wake = self._wake_of(uid)
+            if wake is not None:
+                self._wakes.append((wake, uid))
+            at = self._due_of(uid)
+            if at is not None:
+                due.setdefault(at[1], []).append((at[0], uid))
+        heapq.heapify(self._wakes)
         for heap in due.values():
             heapq.heapify(heap)
         self._due = due
@@ -422,7 +478,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
         partition that goes quiet, and for users whose partition another process reads.
         """
         assert self.clock is not None
-        partitions, users = self.clock.partitions, self.users
+        partitions = self.clock.partitions
         out: list[Output] = []
         ran: list[UserSlot] = []
         for source, heap in self._due.items():
@@ -432,9 +488,9 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             stream = reading.at(now)
             while heap and heap[0][0] <= stream:
                 due, uid = heapq.heappop(heap)
-                slot = users.get(uid)
-                if slot is None or slot.due_at != due or slot.due_source != source:
+                if self._due_of(uid) != (due, source):
                     continue
+                slot = self._held(uid)
                 slot.due_at = slot.due_source = None
                 out.extend(self._advance(slot, now))
                 ran.append(slot)
@@ -457,7 +513,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
 
     def _advance(self, slot: UserSlot, now: int) -> list[Output]:
         """The quiet user's timers the stream clock made due: decisions, then outcomes."""
-        user = slot.state if slot.state is not None else self._unpark(slot)
+        user = slot.state
         slot.used = True
         if user.admission.max_ts is None:
             return []

@@ -34,12 +34,12 @@ class ShardLayoutError(snapshot.SnapshotFormatError):
     """A snapshot written under another keying (per user, or another shard count)."""
 
 
-def encode(blobs: Sequence[bytes], shards: int) -> bytes:
+def encode(blobs: Sequence[bytes | memoryview], shards: int) -> bytes:
     """A shard's snapshot from its users' blobs; with `shards=0`, the one user's blob."""
     if shards <= 0:
         assert len(blobs) == 1  # per-user keys: bytewax snapshots only keys with a user
-        return blobs[0]
-    parts = [_HEADER, _COUNT.pack(shards)]
+        return bytes(blobs[0])
+    parts: list[bytes | memoryview] = [_HEADER, _COUNT.pack(shards)]
     for blob in blobs:
         parts.append(_COUNT.pack(len(blob)))
         parts.append(blob)
