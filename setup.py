@@ -31,8 +31,10 @@ COMPILED = [
     "nudgeflow/operators/event_time.py",
     "nudgeflow/operators/intent_logic.py",
     "nudgeflow/operators/internal.py",
+    "nudgeflow/operators/parked.py",
     "nudgeflow/operators/rule_logic.py",
     "nudgeflow/operators/sessions.py",
+    "nudgeflow/operators/snapshot.py",
     "nudgeflow/operators/tumbling.py",
     "nudgeflow/operators/windows.py",
 ]

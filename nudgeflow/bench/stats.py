@@ -168,6 +168,7 @@ def table(result: dict[str, Any]) -> str:
             if "unparked" in s:
                 rows.append(_row("  the same with none parked: RSS (bytes)",
                                  s["unparked"]["rss"]))
+            if "parked_share" in s:
                 rows.append(_row("  users parked at the end (share)", s["parked_share"]))
                 rows.append(_row("  the stream through detection, parking (s)", s["seconds"]))
                 rows.append(_row("  the same with none parked (s)", s["unparked"]["seconds"]))
