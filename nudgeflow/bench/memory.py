@@ -171,7 +171,8 @@ def clone_logic(detector: Any, clock: Any, slot: Any, new_id: str) -> Any:
     state, last_arrival, source = snapshot.decode(detector, user_snapshot(detector, slot))
     state.user_id = new_id
     if isinstance(slot, bytes):
-        return parked.repacked(slot, snapshot.encode(detector, state, last_arrival, source))
+        return parked.repacked(
+            slot, snapshot.compact(snapshot.encode(detector, state, last_arrival, source)))
     return UserSlot(state, last_arrival, source)
 
 

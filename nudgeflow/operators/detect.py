@@ -23,7 +23,7 @@ times are kept in a heap so a shard is woken for its earliest user.
 `shards=0` keys by user (one user per logic), as before.
 
 A user who has been quiet for a while is parked: held as their snapshot alone
-(`operators.snapshot`, ~0.5 KB deflated) and their place in the shard's
+(`operators.snapshot`, deflated: ~0.5 KB) and their place in the shard's
 wake-ups, in one bytes object (`operators.parked`), instead of as live objects
 (~4 KB); their next event or timer brings them back. A shard looks for such users
 every `park_after_ms` of its clock (wall ms live, the stream clock in replay)
@@ -158,8 +158,8 @@ class UserSlot:
         self.source = source  # the input partition of the user's last event (live)
         self.wake: int | None = None  # wall ms the shard must wake for this user (live)
         # The stream clock at which their next timer is due, and the partition whose clock
-        # it is: where they stand in the shard's heaps (live). Two fields, not a tuple: a
-        # tuple per user is ~90 B more of every parked user.
+        # it is: where they stand in the shard's heaps (live). Two fields, not a tuple
+        # made per change: ~90 B less a held user.
         self.due_at: int | None = None
         self.due_source: str | None = None
         self.blob: bytes | None = None  # the snapshot, until the user changes again
@@ -232,7 +232,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
             if verdict is Admit.APPLY:
                 counts[0] += 1
                 slot.last_arrival = envelope.arrived_ms if envelope.arrived_ms is not None else now
-                # one string per partition, not one per user (a parked user is mostly bytes)
+                # one string per partition, not a copy per user
                 slot.source = sys.intern(envelope.origin.source)
             elif verdict is Admit.DUPLICATE:
                 counts[1] += 1
@@ -363,7 +363,7 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                     return  # a trailer cannot name the partition: the user stays held
                 source = self._source_ids[slot.due_source] = len(self._sources)
                 self._sources.append(slot.due_source)
-        blob = slot.blob if slot.blob is not None else self._encode(slot)
+        blob = snapshot.compact(slot.blob if slot.blob is not None else self._encode(slot))
         self.parked[slot.user_id] = parked.pack(blob, slot.wake, slot.due_at, source)
         del self.users[slot.user_id]
 

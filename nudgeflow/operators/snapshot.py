@@ -2,14 +2,19 @@
 
 What bytewax stores for a user (one snapshot per touched user per epoch) is
 
-    b"NFUS" + FORMAT (one byte) + deflate(pickle of builtins only: (user data, wall ms,
-                                          partition), preset dictionary)
+    b"NFUS" + FORMAT (3) + pickle of builtins only: (user data, wall ms, partition)
 
-The raw deflate stream uses the frozen preset dictionary of
-`operators.snapshot_dictionary`, so the field and rule names every user
-repeats cost a few bytes each: a user is ~0.6 KB instead of ~1.5 KB. The same
-bytes are how the detect step holds a user who has been quiet for a while
-(`operators.detect`, parking), so their size is the memory such a user costs.
+or, for a user who has been quiet for a while (`operators.detect`, parking),
+the same pickle deflated (`compact`):
+
+    b"NFUS" + DEFLATED (4) + raw deflate of that pickle, with a preset dictionary
+
+The frozen preset dictionary (`operators.snapshot_dictionary`) makes the field
+and rule names every user repeats cost a few bytes each: ~0.5 KB instead of
+~1.5 KB. A parked user is held as those bytes, so their size is the memory
+such a user costs. A user who changed in an epoch is written plain: deflate
+would double the epoch's encoding time (~45 µs a user here) for a user who is
+likely to change again before they are parked.
 
 Builtins only, so a snapshot does not depend on the names or layout of our
 classes: the engine may change how it holds a user in memory, and only
@@ -29,8 +34,8 @@ On resume, each rule is matched by name and by its detection fingerprint
   delay, segment, experiment, offer, ...) keeps its state. A user's trigger
   history (dedup of trigger ids, frequency cap) is the user's, and is kept.
 
-FORMAT 3 snapshots (the same pickle, not compressed) and FORMAT 2 snapshots
-(trigger ids in full) are still read, so an upgrade resumes; a snapshot of
+FORMAT 2 snapshots (trigger ids in full) are still read, so an upgrade
+resumes; a snapshot of
 another FORMAT is refused when the flow starts (`check_recovery`), in one line,
 never half-way through a flow.
 """
@@ -59,13 +64,15 @@ from nudgeflow.operators.snapshot_dictionary import DICTIONARY
 from nudgeflow.operators.tumbling import TumblingCounter
 
 MAGIC: Final = b"NFUS"
-# 4: format 3 deflated with the preset dictionary. 3: the policies' trigger ids as
-# digests (PolicyState), not in full. 3 and 2 are still read.
-FORMAT: Final = 4
-READABLE: Final = (4, 3, 2)
+# 3: the policies' trigger ids as digests (PolicyState), not in full; 2 is still read.
+# 4 (DEFLATED): format 3 deflated with the preset dictionary, for parked users.
+FORMAT: Final = 3
+DEFLATED: Final = 4
+READABLE: Final = (DEFLATED, FORMAT, 2)
 _DEFLATE_LEVEL: Final = 6
 _RAW_DEFLATE: Final = -15  # no zlib header or checksum: the pickle checks its own framing
 _HEADER: Final = MAGIC + bytes([FORMAT])
+_DEFLATED_HEADER: Final = MAGIC + bytes([DEFLATED])
 _HEADERS: Final = tuple(MAGIC + bytes([f]) for f in READABLE)
 
 
@@ -161,9 +168,17 @@ def _timer_order(
 
 def encode(detector: Detector, user: UserState, wall_ms: int | None, source: str | None) -> bytes:
     data = (dump_user(detector, user), wall_ms, source)
+    return _HEADER + pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def compact(blob: bytes) -> bytes:
+    """The same snapshot deflated (format 4); a deflated one as it is."""
+    if blob.startswith(_DEFLATED_HEADER):
+        return blob
+    if not blob.startswith(_HEADER):
+        raise SnapshotFormatError(describe_format(blob))
     packer = zlib.compressobj(_DEFLATE_LEVEL, zlib.DEFLATED, _RAW_DEFLATE, zdict=DICTIONARY)
-    payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER + packer.compress(payload) + packer.flush()
+    return _DEFLATED_HEADER + packer.compress(blob[len(_HEADER):]) + packer.flush()
 
 
 def decode(detector: Detector, blob: bytes) -> tuple[UserState, int | None, str | None]:
@@ -172,7 +187,7 @@ def decode(detector: Detector, blob: bytes) -> tuple[UserState, int | None, str 
         raise SnapshotFormatError(describe_format(blob))
     fmt = blob[len(MAGIC)]
     payload = blob[len(_HEADER):]
-    if fmt >= 4:
+    if fmt == DEFLATED:
         unpacker = zlib.decompressobj(_RAW_DEFLATE, zdict=DICTIONARY)
         try:
             payload = unpacker.decompress(payload) + unpacker.flush()

@@ -19,9 +19,11 @@ from nudgeflow.core.stream_clock import StreamClock
 from nudgeflow.core.triggers import Decision
 from nudgeflow.operators.detector import Detector, UserState
 from nudgeflow.operators.snapshot import (
+    DEFLATED,
     FORMAT,
     SnapshotFormatError,
     check_recovery,
+    compact,
     decode,
     dump_user,
     encode,
@@ -226,15 +228,18 @@ def test_the_preset_dictionary_is_frozen() -> None:
 def test_a_snapshot_costs_far_less_than_its_pickle() -> None:
     """What a parked user costs in memory: the names every user repeats are nearly free."""
     history = _history(Detector(parse_rules(BEFORE)))
-    blob = encode(history.detector, history.user, 0, "0-events")
-    pickled = pickle.dumps((dump_user(history.detector, history.user), 0, "0-events"),
-                           protocol=pickle.HIGHEST_PROTOCOL)
-    assert len(blob) < 0.6 * len(pickled)
+    plain = encode(history.detector, history.user, 0, "0-events")
+    deflated = compact(plain)
+    assert deflated[4] == DEFLATED and compact(deflated) == deflated
+    assert len(deflated) < 0.6 * len(plain)
+    restored, wall, source = decode(history.detector, deflated)
+    assert (wall, source) == (0, "0-events")
+    assert dump_user(history.detector, restored) == dump_user(history.detector, history.user)
 
 
 def test_a_damaged_snapshot_is_refused_with_one_line() -> None:
     history = _history(Detector(parse_rules(BEFORE)))
-    blob = encode(history.detector, history.user, 0, None)
+    blob = compact(encode(history.detector, history.user, 0, None))
     with pytest.raises(SnapshotFormatError, match="format-4 user snapshot that does not inflate"
                        ) as caught:
         decode(history.detector, blob[:5] + bytes(b ^ 0xFF for b in blob[5:40]) + blob[40:])
@@ -275,11 +280,13 @@ def test_a_pending_delayed_send_survives_as_a_decision() -> None:
     assert restored.pending_sends == history.user.pending_sends
 
 
-def write_fixture() -> None:
-    """Writes the current FORMAT's fixture (run once per format, when it is current)."""
+def write_fixture(fmt: int = FORMAT) -> None:
+    """Writes a fixture of the current FORMAT, or of DEFLATED (run once per format)."""
     history = _history(Detector(parse_rules(BEFORE)))
     blob = encode(history.detector, history.user, 0, "0-events")
-    (FIXTURES / f"user_snapshot_format{FORMAT}.bin").write_bytes(blob)
+    if fmt == DEFLATED:
+        blob = compact(blob)
+    (FIXTURES / f"user_snapshot_format{fmt}.bin").write_bytes(blob)
 
 
 if __name__ == "__main__":
