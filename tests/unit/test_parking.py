@@ -99,7 +99,8 @@ def stream(users: int, hours: float) -> Iterator[tuple[int, Envelope, ClockReadi
             continue
         stamp = clock.read(event.ts, line.arrival_ms)
         assert clock.reading is not None
-        yield line.arrival_ms, Envelope(event, line.data, Origin("events", 0, offset), PROFILE,
+        origin = Origin(topic="events", partition=0, offset=offset)
+        yield line.arrival_ms, Envelope(event, line.data, origin, PROFILE,
                                         arrived_ms=line.arrival_ms, stream=stamp,
                                         key=event.user_id.encode()), replace(clock.reading)
 
@@ -152,8 +153,8 @@ def envelope(partition: StreamClock, wall: Wall, user: str, event_id: str, kind:
                         **fields})
     event = decode_event(raw)
     assert isinstance(event, Event)
-    return Envelope(event, raw, Origin("events", 0, 1), PROFILE, arrived_ms=wall.now,
-                    stream=partition.read(ts, wall.now), key=user.encode())
+    return Envelope(event, raw, Origin(topic="events", partition=0, offset=1), PROFILE,
+                    arrived_ms=wall.now, stream=partition.read(ts, wall.now), key=user.encode())
 
 
 def test_a_user_is_parked_after_one_to_two_quiet_periods_and_their_timer_still_fires() -> None:
