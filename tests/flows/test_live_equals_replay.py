@@ -68,9 +68,11 @@ def _key(decision: dict[str, Any]) -> tuple[Any, ...]:
             "dispatched" and decision["send_at"] != decision["detected_at"] else None)
 
 
-@pytest.mark.parametrize("seed", [3, 11])
+# The default parks users quiet for a minute; 1 s parks nearly every user between
+# any two of their events, and 0 never parks: what is decided must not move.
+@pytest.mark.parametrize(("seed", "park_after_s"), [(3, 60.0), (11, 60.0), (3, 1.0), (11, 0.0)])
 def test_live_on_the_recordings_clock_decides_what_replay_decides(
-    tmp_path: Path, seed: int
+    tmp_path: Path, seed: int, park_after_s: float
 ) -> None:
     spec = SampleSpec(users=150, hours=3.0, seed=seed)
     lines = [line.data for line in generate_lines(spec)]
@@ -97,7 +99,8 @@ def test_live_on_the_recordings_clock_decides_what_replay_decides(
         profiles=StaticProfiles(load_profiles(profiles_file)),
         clock=clock,
     )
-    run_main(build_live_flow(Settings(), rules=load_rules(DEFAULT_RULES), parts=parts))
+    settings = Settings(detect_park_after_s=park_after_s)
+    run_main(build_live_flow(settings, rules=load_rules(DEFAULT_RULES), parts=parts))
     # Live goes on deciding timers past the recording's end; replay stops there.
     live = {
         _key(emitted.decision.to_json()) for _, emitted in decisions
