@@ -750,7 +750,10 @@ def _snapshots(run: _Run) -> dict[str, Any]:
                 f"{entry['bytes'] / 1e6:,.1f} MB"
                 + (f", SQLite +{sqlite['median'] / 1e6:,.1f} MB" if sqlite else "")
                 + f"; by shard {entry['shards']['ms']['median']:,.0f} ms "
-                f"({entry['shards']['ms_unchanged']['median']:,.0f} ms unchanged)")
+                f"({entry['shards']['ms_unchanged']['median']:,.0f} ms unchanged"
+                + (f", {entry['shards']['parked']['ms']['median']:,.0f} ms and "
+                   f"{entry['shards']['parked']['bytes'] / 1e6:,.1f} MB parked"
+                   if "parked" in entry["shards"] else "") + ")")
     return result
 
 

@@ -27,8 +27,13 @@ costs, for N users touched in one epoch:
    epoch at its end with recovery off too (and drops the bytes), so the
    snapshot time of step 3 is paid by every live flow, recovery or not.
 
+5. **parked**: the stream again as the flow holds it (quiet users parked),
+   N of its parked users (copies sharing their original's bytes) in the
+   default shards: what an epoch stores for users parked and unchanged.
+
 The result is JSON: per `users_<N>` the spread of `ms`, `bytes`, `bytes_per_user`,
-and with SQLite `sqlite_growth_bytes` and `recovery_write_ms`.
+`shards` (`ms`, `ms_unchanged`, `bytes`, and `parked`: `ms`, `bytes`), and with
+SQLite `sqlite_growth_bytes` and `recovery_write_ms`.
 """
 
 from __future__ import annotations
@@ -106,6 +111,26 @@ def shard_logics(detector: Any, clock: Any, slots: Sequence[Any]) -> list[Any]:
         by_shard.setdefault(shard, []).append(slot)
     return [_DetectLogic(detector, clock, None, shards=DEFAULT_SHARDS, users=users)
             for users in by_shard.values()]
+
+
+def parked_logics(detector: Any, clock: Any, parked: Sequence[tuple[str, bytes]],
+                  target: int) -> list[Any]:
+    """`target` parked users in the default shards, cycling over `parked` under new ids.
+
+    A copy shares its original's bytes: a snapshot only slices and joins them, so
+    what it costs does not depend on the bytes being copies of their own.
+    """
+    import zlib
+
+    from nudgeflow.operators.detect import DEFAULT_SHARDS, _DetectLogic
+
+    logics = [_DetectLogic(detector, clock, None, shards=DEFAULT_SHARDS)
+              for _ in range(DEFAULT_SHARDS)]
+    for k in range(target):
+        uid, packed = parked[k % len(parked)]
+        new_id = uid if k < len(parked) else f"p{k // len(parked)}-{uid}"
+        logics[zlib.crc32(new_id.encode()) % DEFAULT_SHARDS].parked[new_id] = packed
+    return logics
 
 
 def _time_snapshots(logics: Sequence[Any], *, touched: bool = True) -> tuple[float, int]:
@@ -213,6 +238,9 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
         raise ValueError(msg)
     out: dict[str, Any] = {"base_users": base, "base_events": built.events,
                            "build_s": round(build_s, 1), "users": {}}
+    # The same stream as the flow holds it (quiet users parked): what an epoch stores
+    # for users who were parked and did not change.
+    parked = sorted(build_logics(lines_path, load_raw_profiles(profiles_path)).parked.items())
     logics: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="nudgeflow-snapshots-", dir=workdir) as tmp:
         for target in sorted(set(users)):
@@ -249,6 +277,13 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
                     "bytes": shard_timings[0][1],
                 },
             }
+            if parked:
+                held = parked_logics(built.detector, built.clock, parked, target)
+                parked_timings = [_time_snapshots(held, touched=False) for _ in range(runs)]
+                entry["shards"]["parked"] = {
+                    "ms": spread([ms for ms, _ in parked_timings], 1),
+                    "bytes": parked_timings[0][1],
+                }
             if target in sqlite_users:
                 entry.update(_sqlite_epoch(per_user, Path(tmp), runs))
                 entry["shards"].update(_sqlite_epoch(shards, Path(tmp), runs))

@@ -179,6 +179,12 @@ def table(result: dict[str, Any]) -> str:
         rows.append(_row(f"snapshot per epoch, {n} users touched (ms)", entry["ms"]))
         rows.append(_row(f"snapshot bytes per epoch, {n} users (MB)",
                          _one(round(entry["bytes"] / 1e6, 1))))
+        parked = entry.get("shards", {}).get("parked")
+        if parked:
+            rows.append(_row(f"snapshot per epoch, {n} parked users unchanged (ms)",
+                             parked["ms"]))
+            rows.append(_row(f"snapshot bytes per epoch, {n} parked users (MB)",
+                             _one(round(parked["bytes"] / 1e6, 1))))
         growth = entry.get("sqlite_growth_bytes")
         if growth:
             rows.append(_row(f"SQLite recovery store growth per epoch, {n} users (MB)", {

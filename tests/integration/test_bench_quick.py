@@ -112,6 +112,10 @@ def test_a_smoke_bench_writes_every_field(
     assert entry["users"] == 2000
     assert entry["bytes_per_user"] == pytest.approx(entry["bytes"] / 2000, abs=0.1)
     assert _positive(entry["sqlite_growth_bytes"]["median"])
+    # The same users parked store their deflated snapshots: under half the bytes.
+    parked = entry["shards"]["parked"]
+    assert _positive(parked["ms"]["median"])
+    assert 0 < parked["bytes"] < entry["shards"]["bytes"] / 2
 
     # Latency at 50% and 80%, and the sweep over offered rates, ascending.
     for rate in ("at_50pct", "at_80pct"):
