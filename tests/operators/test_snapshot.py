@@ -158,10 +158,15 @@ def test_resuming_under_the_same_rules_goes_on_as_if_never_stopped() -> None:
     assert ("cart_abandonment", 15, "dispatched") in resumed.fired
 
 
-def test_a_changed_rules_file_keeps_resets_adds_and_drops_rules_by_the_policy() -> None:
+# A user parked when the flow stopped was stored deflated: the policy is the same.
+@pytest.mark.parametrize("parked", [False, True], ids=["held", "parked"])
+def test_a_changed_rules_file_keeps_resets_adds_and_drops_rules_by_the_policy(
+    parked: bool,
+) -> None:
     history = _history(Detector(parse_rules(BEFORE)))
     assert ("engaged_reader", 3, "dispatched") in history.fired
-    resumed = _resume(encode(history.detector, history.user, 0, None), AFTER)
+    blob = encode(history.detector, history.user, 0, None)
+    resumed = _resume(compact(blob) if parked else blob, AFTER)
 
     resumed.send(6, "page_view", 5 * MIN, page_type="product", product_id="p1")
     # product_interest's window changed: its counts start over (kept, this view was the 3rd).
