@@ -316,6 +316,11 @@ class _DetectLogic(StatefulBatchLogic[Envelope, Output, bytes]):
                 at = wake
                 break
             heapq.heappop(wakes)
+        if self.park_after_ms > 0 and self.users and self._looked_at is not None:
+            # A shard whose users went quiet is not activated by events: wake it for its
+            # next look, so that they are parked, at night too.
+            look = self._looked_at + self.park_after_ms
+            at = look if at is None else min(at, look)
         if self._due:
             # A partition read faster than real time (a backlog) moves its stream clock,
             # and so its users' timers, ahead of their wall-clock wakes: look again soon.

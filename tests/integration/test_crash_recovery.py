@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -33,13 +34,18 @@ from live_helpers import (
 from nudgeflow.app.samples import SampleSpec, generate_lines
 from nudgeflow.core.rules import load_rules
 from nudgeflow.core.settings import DEFAULT_RULES
+from nudgeflow.operators.snapshot import DEFLATED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KILLS = int(os.environ.get("NUDGEFLOW_SOAK_KILLS", "10"))
 
 
+# "parked": users quiet for 0.2 s (to 0.4 s) are parked, so the 0.5 s epochs store
+# parked users and every kill lands on a mix of parked and held ones.
+@pytest.mark.parametrize("park_after_s", ["60", "0.2"], ids=["default", "parked"])
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(
+    park_after_s: str,
     kafka_bootstrap: str,
     redis_url: str,
     redis_client: redis.Redis,
@@ -70,7 +76,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         return start_flow(
             kafka_bootstrap, topic, api_url, redis_url,
             "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "0.5",
-            stdout=subprocess.DEVNULL,
+            env={"NUDGEFLOW_DETECT_PARK_AFTER_S": park_after_s}, stdout=subprocess.DEVNULL,
         )
 
     default_seed = str(random.SystemRandom().randrange(1 << 30))
@@ -106,3 +112,16 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     assert not missing, f"lost {len(missing)} triggers (seed {seed}): {err.decode()[-1500:]}"
     assert not extra, f"{len(extra)} triggers not in the replay (seed {seed})"
     assert len(received) == len(set(received)), f"a trigger was sent twice (seed {seed})"
+    if park_after_s != "60":  # the kills did land on parked users: stored deflated
+        assert _deflated_snapshots(tmp_path / "recovery") > 0
+
+
+def _deflated_snapshots(directory: Path) -> int:
+    """Snapshots in the recovery store holding a parked user's deflated bytes (format 4)."""
+    found = 0
+    for path in directory.glob("*.sqlite3"):
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            (count,) = db.execute("SELECT count(*) FROM snaps WHERE instr(ser_change, ?) > 0",
+                                  (b"NFUS" + bytes([DEFLATED]),)).fetchone()
+        found += int(count)
+    return found

@@ -62,8 +62,11 @@ def envelope(
 
 
 def live_logic(wall: FakeWall) -> _DetectLogic:
+    # Not parking: these tests read the shard's wake-ups as its timers' alone (a parking
+    # shard also wakes for its looks; tests/unit/test_parking.py).
     return _DetectLogic(
-        Detector(parse_rules(RULES)), LiveClock(wall, wall.partitions), end_bound=None
+        Detector(parse_rules(RULES)), LiveClock(wall, wall.partitions), end_bound=None,
+        park_after_ms=0,
     )
 
 

@@ -212,3 +212,39 @@ def test_a_parked_users_timer_fires_when_a_backlog_moves_their_partitions_clock(
     out, _ = logic.on_batch([read("carol", "c3", "page_view", 15 * MIN + 30_001)])
     assert [(o.decision.trigger.user_id, o.decision.trigger.fired_at_ms)
             for o in out if isinstance(o, Emitted)] == [("alice", 15 * MIN)]
+
+
+def test_a_shard_no_event_activates_wakes_itself_to_park_its_users() -> None:
+    wall = Wall()
+    partition = StreamClock()
+    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
+                         LiveClock(wall), None, shards=SHARDS, park_after_ms=MIN)
+    logic.on_batch([envelope(partition, wall, "alice", "a1", "add_to_cart", 0, product_id="p")])
+    for minute in (1, 2):  # the shard's looks, though no event comes
+        wake = logic.notify_at()
+        assert wake is not None and wake.timestamp() * 1000 == minute * MIN
+        wall.now = minute * MIN
+        logic.on_notify()
+    assert "alice" in logic.parked
+    wake = logic.notify_at()  # nobody left to park: only alice's own timer wakes the shard
+    assert wake is not None and wake.timestamp() * 1000 == 15 * MIN + 30_001
+
+
+def test_parked_users_are_freed_once_nothing_can_matter_and_the_shard_is_discarded() -> None:
+    wall = Wall()
+    partition = StreamClock()
+    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
+                         LiveClock(wall), None, shards=SHARDS, park_after_ms=MIN)
+    logic.on_batch([envelope(partition, wall, "alice", "a1", "page_view", 0)])
+    discard = was_parked = False
+    for _ in range(100):  # the shard's own wake-ups: its looks, then alice's horizon
+        wake = logic.notify_at()
+        if wake is None:
+            break
+        wall.now = int(wake.timestamp() * 1000)
+        _, discard = logic.on_notify()
+        was_parked = was_parked or "alice" in logic.parked
+        if discard:
+            break
+    assert was_parked
+    assert discard and not logic.users and not logic.parked

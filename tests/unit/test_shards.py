@@ -64,8 +64,9 @@ def fired(outputs: object) -> list[tuple[str, int]]:
 
 
 def shard(partition: Partition, shards: int = 8) -> _DetectLogic:
+    # Not parking: the shard's wake-ups are its users' timers alone (test_parking.py).
     return _DetectLogic(Detector(parse_rules(RULES)), LiveClock(partition, partition.partitions),
-                        None, shards=shards)
+                        None, shards=shards, park_after_ms=0)
 
 
 def test_the_shard_key_is_stable_and_spreads_users() -> None:
