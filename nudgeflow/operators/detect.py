@@ -28,7 +28,8 @@ wake-ups, in one bytes object (`operators.parked`), instead of as live objects
 (~4 KB); their next event or timer brings them back. A shard looks for such users
 every `park_after_ms` of its clock (wall ms live, the stream clock in replay)
 and parks those it has not used since its previous look, so a user is parked
-after between one and two `park_after_ms` of quiet. Parking changes how a user
+after between one and two `park_after_ms` of quiet (live, a shard holding users
+wakes for its next look). Parking changes how a user
 is held, never what they do: a parked user's wake-ups stay scheduled, and
 their snapshot is the one the next epoch would store anyway.
 """
