@@ -92,9 +92,12 @@ def load_sample_profiles(client: redis.Redis, spec: SampleSpec) -> dict[str, Pro
 
 
 def read_api_log(path: Path) -> list[dict[str, Any]]:
+    """The API's log lines so far; a last line still being written is not one yet."""
     if not path.exists():
         return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    return [orjson.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def wait_for_ids(path: Path, wanted: set[str], timeout_s: float) -> list[str]:
