@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-import orjson
 import pytest
 from rule_texts import CART_ABANDONMENT, rules_yaml
+from shard_helpers import Partition, fired
 
 from nudgeflow.app.samples import SampleSpec, generate_lines
 from nudgeflow.core.envelope import Envelope, Origin
@@ -24,7 +24,7 @@ from nudgeflow.core.rules import load_rules, parse_rules
 from nudgeflow.core.settings import DEFAULT_RULES
 from nudgeflow.core.stream_clock import ClockReading, PartitionClocks, StreamClock
 from nudgeflow.operators import shard_snapshot
-from nudgeflow.operators.detect import Emitted, LiveClock, _DetectLogic, shard_key
+from nudgeflow.operators.detect import LiveClock, _DetectLogic, shard_key
 from nudgeflow.operators.detector import Detector
 
 MIN = 60_000
@@ -147,83 +147,61 @@ def test_parked_users_emit_and_store_exactly_what_unparked_users_do(live: bool) 
     assert parked.stored() == held.stored()
 
 
-def envelope(partition: StreamClock, wall: Wall, user: str, event_id: str, kind: str, ts: int,
-             **fields: object) -> Envelope:
-    raw = orjson.dumps({"event_id": event_id, "user_id": user, "type": kind, "ts": ts,
-                        **fields})
-    event = decode_event(raw)
-    assert isinstance(event, Event)
-    return Envelope(event, raw, Origin(topic="events", partition=0, offset=1), PROFILE,
-                    arrived_ms=wall.now, stream=partition.read(ts, wall.now), key=user.encode())
+def cart_shard(partition: Partition, park_after_ms: int) -> _DetectLogic:
+    return _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
+                        LiveClock(partition, partition.partitions), None, shards=SHARDS,
+                        park_after_ms=park_after_ms)
 
 
 def test_a_user_is_parked_after_one_to_two_quiet_periods_and_their_timer_still_fires() -> None:
-    wall = Wall()
-    partition = StreamClock()
-    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
-                         LiveClock(wall), None, shards=SHARDS, park_after_ms=MIN)
-    logic.on_batch([envelope(partition, wall, "alice", "a1", "add_to_cart", 0, product_id="p")])
+    partition = Partition(now=0)
+    logic = cart_shard(partition, park_after_ms=MIN)
+    logic.on_batch([partition.read("alice", "a1", "add_to_cart", 0, product_id="p")])
     for minute in (1, 2):
         assert "alice" in logic.users  # used since the last look, or no look yet
-        wall.now = minute * MIN
-        logic.on_batch([envelope(partition, wall, "bob", f"b{minute}", "page_view", wall.now)])
+        partition.now = minute * MIN
+        logic.on_batch([partition.read("bob", f"b{minute}", "page_view", partition.now)])
     assert "alice" in logic.parked and "alice" not in logic.users
     assert "bob" in logic.users
-    wall.now = 15 * MIN + 30_001  # alice's watermark passes her 15 minutes
+    partition.now = 15 * MIN + 30_001  # alice's watermark passes her 15 minutes
     out, _ = logic.on_notify()
-    assert [(o.decision.trigger.user_id, o.decision.trigger.fired_at_ms)
-            for o in out if isinstance(o, Emitted)] == [("alice", 15 * MIN)]
+    assert fired(out) == [("alice", 15 * MIN)]
     assert "alice" in logic.users and "alice" not in logic.parked
 
 
 def test_parking_off_holds_every_user_as_objects() -> None:
-    wall = Wall()
-    partition = StreamClock()
-    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
-                         LiveClock(wall), None, shards=SHARDS, park_after_ms=0)
-    logic.on_batch([envelope(partition, wall, "alice", "a1", "add_to_cart", 0, product_id="p")])
+    partition = Partition(now=0)
+    logic = cart_shard(partition, park_after_ms=0)
+    logic.on_batch([partition.read("alice", "a1", "add_to_cart", 0, product_id="p")])
     for minute in range(1, 10):
-        wall.now = minute * MIN
-        logic.on_batch([envelope(partition, wall, "bob", f"b{minute}", "page_view", wall.now)])
+        partition.now = minute * MIN
+        logic.on_batch([partition.read("bob", f"b{minute}", "page_view", partition.now)])
     assert "alice" in logic.users and not logic.parked
 
 
 def test_a_parked_users_timer_fires_when_a_backlog_moves_their_partitions_clock() -> None:
-    wall = Wall(now=100 * MIN)  # a backlog: the events are far in the past
-    partition = StreamClock()
-    partitions = PartitionClocks()
-    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
-                         LiveClock(wall, partitions), None, shards=SHARDS, park_after_ms=1)
-
-    def read(user: str, event_id: str, kind: str, ts: int, **fields: object) -> Envelope:
-        made = envelope(partition, wall, user, event_id, kind, ts, **fields)
-        assert partition.reading is not None
-        partitions.publish(made.origin.source, partition.reading)
-        return made
-
-    logic.on_batch([read("alice", "a1", "add_to_cart", 0, product_id="p")])
+    partition = Partition(now=100 * MIN)  # a backlog: the events are far in the past
+    logic = cart_shard(partition, park_after_ms=1)
+    logic.on_batch([partition.read("alice", "a1", "add_to_cart", 0, product_id="p")])
     for step in (1, 2):  # two looks, a few ms apart: alice is parked
-        wall.now += 2
-        logic.on_batch([read("carol", f"c{step}", "page_view", step * 1000)])
+        partition.now += 2
+        logic.on_batch([partition.read("carol", f"c{step}", "page_view", step * 1000)])
     assert "alice" in logic.parked
     # Carol's events move the partition's clock past alice's 15 minutes within ms of
     # wall time: her timer is due by the stream, long before the wall clock says so.
-    wall.now += 2
-    out, _ = logic.on_batch([read("carol", "c3", "page_view", 15 * MIN + 30_001)])
-    assert [(o.decision.trigger.user_id, o.decision.trigger.fired_at_ms)
-            for o in out if isinstance(o, Emitted)] == [("alice", 15 * MIN)]
+    partition.now += 2
+    out, _ = logic.on_batch([partition.read("carol", "c3", "page_view", 15 * MIN + 30_001)])
+    assert fired(out) == [("alice", 15 * MIN)]
 
 
 def test_a_shard_no_event_activates_wakes_itself_to_park_its_users() -> None:
-    wall = Wall()
-    partition = StreamClock()
-    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
-                         LiveClock(wall), None, shards=SHARDS, park_after_ms=MIN)
-    logic.on_batch([envelope(partition, wall, "alice", "a1", "add_to_cart", 0, product_id="p")])
+    partition = Partition(now=0)
+    logic = cart_shard(partition, park_after_ms=MIN)
+    logic.on_batch([partition.read("alice", "a1", "add_to_cart", 0, product_id="p")])
     for minute in (1, 2):  # the shard's looks, though no event comes
         wake = logic.notify_at()
         assert wake is not None and wake.timestamp() * 1000 == minute * MIN
-        wall.now = minute * MIN
+        partition.now = minute * MIN
         logic.on_notify()
     assert "alice" in logic.parked
     wake = logic.notify_at()  # nobody left to park: only alice's own timer wakes the shard
@@ -231,17 +209,15 @@ def test_a_shard_no_event_activates_wakes_itself_to_park_its_users() -> None:
 
 
 def test_parked_users_are_freed_once_nothing_can_matter_and_the_shard_is_discarded() -> None:
-    wall = Wall()
-    partition = StreamClock()
-    logic = _DetectLogic(Detector(parse_rules(rules_yaml(CART_ABANDONMENT))),
-                         LiveClock(wall), None, shards=SHARDS, park_after_ms=MIN)
-    logic.on_batch([envelope(partition, wall, "alice", "a1", "page_view", 0)])
+    partition = Partition(now=0)
+    logic = cart_shard(partition, park_after_ms=MIN)
+    logic.on_batch([partition.read("alice", "a1", "page_view", 0)])
     discard = was_parked = False
     for _ in range(100):  # the shard's own wake-ups: its looks, then alice's horizon
         wake = logic.notify_at()
         if wake is None:
             break
-        wall.now = int(wake.timestamp() * 1000)
+        partition.now = int(wake.timestamp() * 1000)
         _, discard = logic.on_notify()
         was_parked = was_parked or "alice" in logic.parked
         if discard:

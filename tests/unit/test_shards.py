@@ -13,54 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 from rule_texts import CART_ABANDONMENT, rules_yaml
+from shard_helpers import Partition, fired
 
-from nudgeflow.core.envelope import Envelope, Origin
-from nudgeflow.core.events import Event, decode_event
-from nudgeflow.core.profiles import Profile
 from nudgeflow.core.rules import parse_rules
-from nudgeflow.core.stream_clock import PartitionClocks, StreamClock
 from nudgeflow.operators import shard_snapshot, snapshot
-from nudgeflow.operators.detect import Emitted, LiveClock, UserSlot, _DetectLogic, shard_key
+from nudgeflow.operators.detect import LiveClock, UserSlot, _DetectLogic, shard_key
 from nudgeflow.operators.detector import Detector
 from nudgeflow.operators.snapshot import check_recovery
 
 RULES = rules_yaml(CART_ABANDONMENT)
 MIN = 60_000
-PROFILE = Profile(segment="regular", opt_in=("email",))
-
-
-class Partition:
-    """A partition of the input (0 unless told), read at wall time `now`."""
-
-    def __init__(self, now: int, index: int = 0,
-                 partitions: PartitionClocks | None = None) -> None:
-        self.now = now
-        self.index = index
-        self.clock = StreamClock()
-        self.partitions = partitions or PartitionClocks()
-
-    def __call__(self) -> int:
-        return self.now
-
-    def read(self, user: str, event_id: str, kind: str, ts: int, **fields: object) -> Envelope:
-        raw = orjson.dumps({"event_id": event_id, "user_id": user, "type": kind, "ts": ts,
-                            **fields})
-        event = decode_event(raw)
-        assert isinstance(event, Event)
-        stamp = self.clock.read(ts, self.now)
-        assert self.clock.reading is not None
-        self.partitions.publish(f"{self.index}-events", self.clock.reading)
-        return Envelope(event, raw, Origin(topic="events", partition=self.index, offset=1),
-                        PROFILE,
-                        arrived_ms=self.now, stream=stamp, key=user.encode())
-
-
-def fired(outputs: object) -> list[tuple[str, int]]:
-    return sorted((o.decision.trigger.user_id, o.decision.trigger.fired_at_ms)
-                  for o in outputs if isinstance(o, Emitted))  # type: ignore[attr-defined]
 
 
 def shard(partition: Partition, shards: int = 8) -> _DetectLogic:
