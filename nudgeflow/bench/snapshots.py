@@ -66,7 +66,7 @@ def users_label(users: int) -> str:
     return f"users_{users}"
 
 
-def _grow(built: Any, logics: list[Any], target: int) -> None:
+def _grow(built: Any, base: Sequence[Any], logics: list[Any], target: int) -> None:
     """Append copies of the base users to `logics` until it holds `target`.
 
     A copy is the base user's snapshot decoded under a new id: nothing shared.
@@ -75,7 +75,6 @@ def _grow(built: Any, logics: list[Any], target: int) -> None:
     from nudgeflow.operators import snapshot
     from nudgeflow.operators.detect import UserSlot
 
-    base = list(built.logics.values())
     blobs = [snapshot.encode(built.detector, slot.state, None, None) for slot in base]
     # Without the collector while millions of objects are made (its full passes over a
     # growing heap would take longer than the copying); one full pass afterwards.
@@ -228,11 +227,13 @@ def _sqlite_epoch(logics: Sequence[Any], workdir: Path, runs: int) -> dict[str, 
 def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs: int = 3,
             sqlite_users: Sequence[int] = (), workdir: Path | None = None) -> dict[str, Any]:
     """Every measure above, for each N of `users` (ascending)."""
+    raw_profiles = load_raw_profiles(profiles_path)
     started = time.perf_counter()
     # None parked: every user is encoded when touched, the epoch's whole cost.
-    built = build_logics(lines_path, load_raw_profiles(profiles_path), park_after_ms=0)
+    built = build_logics(lines_path, raw_profiles, park_after_ms=0)
     build_s = time.perf_counter() - started
-    base = len(built.logics)
+    held = list(built.logics.values())
+    base = len(held)
     if not base:
         msg = "the stream left no user to snapshot"
         raise ValueError(msg)
@@ -240,17 +241,17 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
                            "build_s": round(build_s, 1), "users": {}}
     # The same stream as the flow holds it (quiet users parked): what an epoch stores
     # for users who were parked and did not change.
-    parked = sorted(build_logics(lines_path, load_raw_profiles(profiles_path)).parked.items())
+    parked = sorted(build_logics(lines_path, raw_profiles).parked.items())
     logics: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="nudgeflow-snapshots-", dir=workdir) as tmp:
         for target in sorted(set(users)):
             if target <= base:
-                logics = list(built.logics.values())[:target]
+                logics = held[:target]
             else:
                 if len(logics) < base:
-                    logics = list(built.logics.values())
+                    logics = list(held)
                 started = time.perf_counter()
-                _grow(built, logics, target)
+                _grow(built, held, logics, target)
                 out.setdefault("clone_s", {})[users_label(target)] = round(
                     time.perf_counter() - started, 1)
             per_user = per_user_logics(built.detector, built.clock, logics)
@@ -278,8 +279,9 @@ def measure(lines_path: Path, profiles_path: Path, users: Sequence[int], *, runs
                 },
             }
             if parked:
-                held = parked_logics(built.detector, built.clock, parked, target)
-                parked_timings = [_time_snapshots(held, touched=False) for _ in range(runs)]
+                parked_shards = parked_logics(built.detector, built.clock, parked, target)
+                parked_timings = [_time_snapshots(parked_shards, touched=False)
+                                  for _ in range(runs)]
                 entry["shards"]["parked"] = {
                     "ms": spread([ms for ms, _ in parked_timings], 1),
                     "bytes": parked_timings[0][1],
